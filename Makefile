@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+HOST ?= 127.0.0.1
+PORT ?= 7860
+
+.PHONY: install demo test lab artifacts bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the kit (torch==2.13.0, CPU)
+
+demo: install  ## launch the Gradio demo on the shipped faces and models
+	$(BIN)/python demo_app.py --host $(HOST) --port $(PORT)
+
+test: install  ## unit tests + every notebook (nbval), in fast mode
+	TOAP_FAST=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+lab: install  ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks
+
+artifacts: install  ## retrain everything the repo ships, from scratch, one seed (hours on 2 cores)
+	$(BIN)/python -m toap_kit.artifacts all --force
+
+bench: install  ## the README's benchmark tables
+	$(BIN)/python -m toap_kit.bench retrieval
+
+clean:
+	rm -rf outputs .pytest_cache

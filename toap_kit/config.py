@@ -1,0 +1,61 @@
+"""One switch sizes everything: ``toap_kit.setup(seed=0)`` returns the run's ``Config``.
+
+Fast mode (``TOAP_FAST=1`` in the environment, as ``make test`` and CI set it) shrinks every
+size so that each notebook runs in a few minutes on 2 CPU cores; without it a reader gets the
+full run. Notebooks read sizes only from the returned config.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Config", "setup", "seed_everything"]
+
+OUTPUT_DIR = Path(__file__).resolve().parent.parent / "outputs"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes of a run. ``fast`` is read from ``TOAP_FAST``; ``out`` is a git-ignored folder
+    for anything a notebook writes."""
+
+    seed: int
+    fast: bool
+    train_epochs: int        # epochs of a model trained live in a notebook
+    n_train_images: int      # training faces used live in a notebook (0 = all)
+    n_eval_queries: int      # evaluation queries (0 = all)
+    attack_steps: int        # PGD / universal-perturbation steps
+    out: Path = OUTPUT_DIR
+
+
+def setup(seed: int = 0, fast: bool | None = None, threads: int | None = None) -> Config:
+    """Seed everything, configure logging, and return the run's sizes.
+
+    Args:
+        seed: the one seed of the run.
+        fast: force fast mode on/off; default: ``TOAP_FAST`` in the environment.
+        threads: torch CPU threads (default: torch's choice).
+    """
+    if fast is None:
+        fast = os.environ.get("TOAP_FAST", "0").lower() not in ("", "0", "false", "no")
+    seed_everything(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    if fast:
+        return Config(seed, True, train_epochs=3, n_train_images=600, n_eval_queries=60, attack_steps=10)
+    return Config(seed, False, train_epochs=15, n_train_images=0, n_eval_queries=0, attack_steps=50)
