@@ -1,1 +1,43 @@
-"""toap-kit."""
+"""toap-kit: deep-hash face retrieval, attacks on it, and TOAP's protection, to learn and use.
+
+Which module does what (one room per concept):
+
+- ``config``      ``setup(seed)``: seeds, logging, and every size (fast mode via ``TOAP_FAST``).
+- ``data``        the shipped faces, user image folders, the open-set retrieval protocol.
+- ``teacher``     the real face recognizer (dlib ResNet): ceiling and distillation teacher.
+- ``models``      small hash CNNs (VGG-, ResNet-, MobileNet-style); pixels in [0, 1] in.
+- ``hashing``     hash objectives (DPSH, HashNet, CSQ), distillation, ITQ, the trainer.
+- ``zoo``         the shipped trained models: ``names()``, ``card(name)``, ``load(name)``.
+- ``retrieval``   Hamming distance, ranking (ties by database index), mAP, P@k, PR, FAISS.
+- ``attacks``     per-image PGD on hash codes and the universal perturbation (UAP) baseline.
+- ``perturbation`` ``Perturbation``: a universal delta + card, saved/loaded/applied.
+- ``evaluate``    protection in two threat settings, transfer matrix, robustness curve,
+                  the variation pattern of pre-sign outputs under post-processing.
+- ``postprocess`` real post-processing through real codecs (Pillow/OpenCV JPEG, WebP, resize,
+                  blur, noise, ...), platform profiles, random draws, straight-through.
+- ``diffproc``    differentiable post-processing (kornia's differentiable JPEG, resize, blur).
+- ``cg``          the Compression Generator: local JPEG-like + global residual branch, trained
+                  to imitate the real codecs; its fidelity benchmark and removal fine-tuning.
+- ``plots``       figures: face grids and retrieval galleries.
+- ``demo``        the Gradio app's Blocks (``build_demo()``).
+- ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg``).
+- ``artifacts``   rebuild everything shipped (``make artifacts``).
+"""
+from . import attacks, cg, data, diffproc, evaluate, hashing, models, perturbation, plots, postprocess, retrieval, teacher, zoo
+from .config import Config, seed_everything, setup
+from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
+                   make_protocol, retrieval_sets)
+from .hashing import ITQ, TrainConfig, make_objective, train_hash_model
+from .models import HashNet, build_model
+from .perturbation import Perturbation
+from .retrieval import HammingIndex, hamming_distance, mean_average_precision, pr_curve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TrainConfig",
+    "attacks", "build_model", "cg", "data", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
+    "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "perturbation",
+    "plots", "postprocess", "pr_curve", "retrieval", "retrieval_sets", "seed_everything", "setup", "teacher",
+    "train_hash_model", "zoo",
+]

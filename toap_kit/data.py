@@ -20,6 +20,7 @@ plus the distractors.
 from __future__ import annotations
 
 import csv
+from functools import lru_cache
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,15 @@ __all__ = [
     "FaceSet",
     "Protocol",
     "RetrievalSets",
+    "crop_face",
     "load_faceset",
     "load_folder",
     "load_image",
     "make_protocol",
+    "make_sets",
     "retrieval_sets",
     "sha256_file",
+    "split_queries",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -205,19 +209,25 @@ def make_protocol(faces: FaceSet, n_distractors: int = 2000, kind: str = "open",
     perm = torch.randperm(n_ident, generator=torch.Generator().manual_seed(seed)).tolist()
     train_ids = sorted(perm[:n_train_identities])
     eval_ids = sorted(perm[n_train_identities:])
-    by_id: dict[int, list[int]] = {}
-    for i in sorted(range(len(faces)), key=lambda i: faces.paths[i]):
-        by_id.setdefault(int(faces.labels[i]), []).append(i)
-    for ident, idx in by_id.items():
+    held_out, train = split_queries(faces, train_ids, n_queries)
+    queries, database = (split_queries(faces, eval_ids, n_queries) if kind == "open" else (held_out, train))
+    return Protocol(kind, [faces.identities[t] for t in train_ids],
+                    [faces.identities[t] for t in eval_ids], train, queries, database, n_distractors)
+
+
+def split_queries(faces: FaceSet, identities: Sequence[int], n_queries: int = 3) -> tuple[list[int], list[int]]:
+    """Indices of the first ``n_queries`` images (by file name) of each identity, and of the
+    rest of their images. Every identity needs more than ``n_queries`` images."""
+    order = sorted(range(len(faces)), key=lambda i: faces.paths[i])
+    queries, rest = [], []
+    for ident in identities:
+        idx = [i for i in order if int(faces.labels[i]) == ident]
         if len(idx) <= n_queries:
             raise ValueError(f"identity {faces.identities[ident]} has {len(idx)} images, "
                              f"needs more than n_queries={n_queries}")
-    train = [i for t in train_ids for i in by_id[t][n_queries:]]
-    source = eval_ids if kind == "open" else train_ids
-    queries = [i for t in source for i in by_id[t][:n_queries]]
-    database = [i for t in source for i in by_id[t][n_queries:]]
-    return Protocol(kind, [faces.identities[t] for t in train_ids],
-                    [faces.identities[t] for t in eval_ids], train, queries, database, n_distractors)
+        queries += idx[:n_queries]
+        rest += idx[n_queries:]
+    return queries, rest
 
 
 @dataclass
@@ -239,11 +249,62 @@ def retrieval_sets(protocol: Protocol, faces: FaceSet, distractors: FaceSet) -> 
     """Images and labels of ``protocol``'s queries and database (faces + all distractors)."""
     if len(distractors) != protocol.n_distractors:
         raise ValueError(f"protocol expects {protocol.n_distractors} distractors, got {len(distractors)}")
-    q = torch.as_tensor(protocol.queries)
-    d = torch.as_tensor(protocol.database_faces)
-    n = len(distractors)
+    return make_sets(faces, distractors, protocol.queries, protocol.database_faces)
+
+
+def make_sets(faces: FaceSet, distractors: FaceSet, queries: Sequence[int], database: Sequence[int],
+              n_distractors: int | None = None) -> RetrievalSets:
+    """Queries ``faces[queries]`` against ``faces[database]`` plus the first
+    ``n_distractors`` distractors (default: all)."""
+    q = torch.as_tensor(queries, dtype=torch.long)
+    d = torch.as_tensor(database, dtype=torch.long)
+    n = len(distractors) if n_distractors is None else n_distractors
     return RetrievalSets(
         faces.images[q], faces.labels[q],
-        torch.cat([faces.images[d], distractors.images]),
+        torch.cat([faces.images[d], distractors.images[:n]]),
         torch.cat([faces.labels[d], -1 - torch.arange(n)]),
         torch.cat([d, -1 - torch.arange(n)]))
+
+
+# The shipped crops relative to dlib's frontal-face detector box (measured on photos250):
+# side = 1.32 x box width, centre 0.078 x box width above the box centre.
+CROP_SCALE, CROP_SHIFT_UP = 1.32, 0.078
+
+
+def crop_face(image: torch.Tensor, size: int = 112) -> tuple[torch.Tensor, bool]:
+    """Detect the largest face in a ``3 x H x W`` [0, 1] photo and crop it like the shipped
+    faces (dlib's HOG detector; borders padded by edge replication).
+
+    Returns ``(3 x size x size crop, found)``; without a detected face the central square
+    is used and ``found`` is False.
+    """
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a 3 x H x W image, got {tuple(image.shape)}")
+    h, w = image.shape[1:]
+    if min(h, w) < 16:
+        raise ValueError(f"image too small to hold a face: {w}x{h}")
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    boxes = _face_detector()(np.ascontiguousarray(arr), 1)
+    if len(boxes):
+        b = max(boxes, key=lambda b: b.area())
+        bw = b.right() - b.left()
+        side = CROP_SCALE * bw
+        cx, cy = (b.left() + b.right()) / 2, (b.top() + b.bottom()) / 2 - CROP_SHIFT_UP * bw
+    else:
+        side = min(h, w)
+        cx, cy = w / 2, h / 2
+    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    s = int(round(side))
+    pad = max(0, -x0, -y0, x0 + s - w, y0 + s - h)
+    padded = torch.nn.functional.pad(image[None], (pad,) * 4, mode="replicate")[0] if pad else image
+    crop = padded[:, y0 + pad:y0 + pad + s, x0 + pad:x0 + pad + s]
+    crop = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bicubic",
+                                           align_corners=False, antialias=True)[0].clamp(0, 1)
+    return crop, bool(len(boxes))
+
+
+@lru_cache(maxsize=1)
+def _face_detector():
+    import dlib
+
+    return dlib.get_frontal_face_detector()

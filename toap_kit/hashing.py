@@ -193,13 +193,44 @@ class TrainConfig:
     """Sizes of one training run."""
 
     epochs: int = 30
-    batch_size: int = 128
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 3e-3
     weight_decay: float = 5e-4
     distill_weight: float = 1.0
     hash_weight: float = 0.3
-    patience: int = 6
+    patience: int = 8
+    identities_per_batch: int = 4  # labelled part of a batch: P identities x K images
+    images_per_identity: int = 4
     seed: int = 0
+
+
+def _batches(labels: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of batches: P identities x K images each (so every batch holds positive
+    pairs), the rest of the batch filled with unlabelled faces. Every labelled image is
+    drawn about once per epoch."""
+    lab = labels >= 0
+    unl = torch.nonzero(~lab).flatten()
+    unl = unl[torch.randperm(len(unl), generator=gen)]
+    groups: list[torch.Tensor] = []
+    for c in labels[lab].unique():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        groups += [idx[i:i + config.images_per_identity] for i in range(0, len(idx), config.images_per_identity)]
+    order = torch.randperm(len(groups), generator=gen).tolist()
+    p = config.identities_per_batch
+    if groups:
+        n_unl = max(config.batch_size - p * config.images_per_identity, 0)
+        n_batches = -(-len(groups) // p)
+    else:  # nothing labelled: plain batches of unlabelled faces
+        n_unl = config.batch_size
+        n_batches = -(-len(unl) // n_unl)
+    batches = []
+    for b in range(n_batches):
+        part = [groups[g] for g in order[b * p:(b + 1) * p]]
+        if len(unl):
+            part.append(unl[torch.arange(b * n_unl, (b + 1) * n_unl) % len(unl)])
+        batches.append(torch.cat(part))
+    return batches
 
 
 def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -218,14 +249,15 @@ def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch
         validate: ``model -> score`` (higher is better, e.g. validation mAP); with it the best
             epoch's weights are kept and training stops after ``patience`` epochs without gain.
 
-    AdamW with a cosine learning-rate schedule; augmentation by ``augment``.
+    AdamW with a one-cycle learning-rate schedule; batches by ``_batches``; augmentation
+    by ``augment``.
     """
     if len(images) != len(labels) or (teacher is not None and len(teacher) != len(images)):
         raise ValueError("images, labels and teacher embeddings must have the same length")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+    steps_per_epoch = len(_batches(labels, config, torch.Generator().manual_seed(0)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     history: list[dict] = []
@@ -235,10 +267,8 @@ def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch
         if hasattr(objective, "set_progress"):
             objective.set_progress(epoch / max(config.epochs - 1, 1))
         model.train()
-        perm = torch.randperm(len(images), generator=gen)
-        total = 0.0
-        for i in range(0, len(images), config.batch_size):
-            idx = perm[i:i + config.batch_size]
+        total, seen = 0.0, 0
+        for idx in _batches(labels, config, gen):
             if len(idx) < 2:
                 continue
             x = augment(images[idx], gen)
@@ -250,8 +280,9 @@ def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
-        row = {"epoch": epoch, "loss": total / len(images)}
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        row = {"epoch": epoch, "loss": total / seen}
         if validate is not None:
             row["val"] = float(validate(model))
             if row["val"] > best:

@@ -200,6 +200,10 @@ class HammingIndex:
             d, i = self._index.search(pack_codes(q), k)
             order = np.lexsort((i, d), axis=1)
             return np.take_along_axis(d, order, 1).astype(np.int32), np.take_along_axis(i, order, 1)
-        d = hamming_distance(q, self._codes)
-        i = np.argsort(d, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(d, i, 1), i
+        ds, ids = [], []
+        for j in range(0, len(q), 16):  # chunks keep the distance matrix small
+            d = hamming_distance(q[j:j + 16], self._codes)
+            i = np.argsort(d, axis=1, kind="stable")[:, :k]
+            ds.append(np.take_along_axis(d, i, 1))
+            ids.append(i)
+        return np.concatenate(ds), np.concatenate(ids)

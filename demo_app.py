@@ -1,0 +1,18 @@
+"""Launch the toap-kit demo: a face photo's results in a deep-hash face search engine.
+
+    python demo_app.py [--host 127.0.0.1] [--port 7860]
+
+Everything it shows comes from the shipped faces and models (``data/``); nothing is downloaded.
+"""
+import argparse
+import logging
+
+from toap_kit.demo import build_demo
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    build_demo().launch(server_name=args.host, server_port=args.port)

@@ -1,0 +1,60 @@
+import socket
+
+import pytest
+import torch
+from PIL import Image
+
+from toap_kit import demo, zoo
+from toap_kit.data import DATA_DIR
+from toap_kit.postprocess import to_pil
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return demo.Engine()
+
+
+def test_search_shipped_query_marks_matches(engine):
+    image, name = engine.query(0)
+    res = engine.search(image, zoo.names()[0], identity=name)
+    assert len(res.indices) == 10 and res.distances == sorted(res.distances)
+    assert res.correct == [n == name for n in res.names]
+    with pytest.raises(ValueError, match="unknown model"):
+        engine.search(image, "nope")
+    with pytest.raises(IndexError):
+        engine.query(10_000)
+
+
+def test_upload_path_crops_and_searches(engine):
+    photo = Image.open(DATA_DIR / "photos250" / "Bill_Clinton" / "01.jpg").convert("RGB")
+    shown, gallery, summary = demo_callbacks(engine)["upload"](photo, zoo.names()[0])
+    assert shown.size == (demo.DISPLAY, demo.DISPLAY)
+    assert len(gallery) == 10 and "unknown" in summary
+
+
+def demo_callbacks(engine):
+    """The Blocks' callbacks, found by their api names."""
+    blocks = demo.build_demo(engine)
+    fns = {fn.name: fn.fn for fn in blocks.fns.values()}
+    return {"shipped": fns["search_shipped"], "upload": fns["search_upload"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gradio_client_round_trip(engine):
+    from gradio_client import Client
+
+    app = demo.build_demo(engine)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        shown, gallery, summary = client.predict(3, zoo.names()[0], api_name="/search_shipped")
+        assert len(gallery) == 10
+        assert "of the top 10 are" in summary
+    finally:
+        app.close()

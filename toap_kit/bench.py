@@ -1,0 +1,218 @@
+"""Benchmarks that print the README's tables (speed and quality are measured here, not in tests).
+
+    python -m toap_kit.bench retrieval [--json]   # zoo mAP, teacher ceiling, FAISS vs numpy
+    python -m toap_kit.bench attacks [--json]     # baselines: noise, per-image PGD, UAP
+    python -m toap_kit.bench cg [--json]          # Compression Generator fidelity to real codecs
+
+Every number is measured on the shipped data with the shipped models, on the open-set
+protocol (``toap_kit.data.make_protocol``) unless a column says closed-set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from . import attacks, evaluate, postprocess, retrieval, teacher, zoo
+from .data import load_faceset, make_protocol, retrieval_sets
+from .hashing import ITQ
+from .perturbation import Perturbation
+
+__all__ = ["bench_attacks", "bench_index", "bench_models", "bench_retrieval", "bench_teacher", "main"]
+
+
+def _metrics(q_codes, db_codes, sets) -> retrieval.RetrievalResult:
+    return retrieval.evaluate(retrieval.hamming_distance(q_codes, db_codes), sets.query_labels,
+                              sets.db_labels, k=100, p_k=10)
+
+
+def bench_models() -> list[dict]:
+    """Clean retrieval of every zoo model: open-set (mAP@all, mAP@100, P@10, mAP@all with
+    JPEG q75 queries) and the closed-set mAP@all / mAP@100 / P@10."""
+    rows = []
+    cache: dict[int, tuple] = {}
+    for name in zoo.names():
+        c = zoo.card(name)
+        s = c["input_size"]
+        if s not in cache:
+            faces, dis = load_faceset("lfw158", s), load_faceset("distractors", s)
+            cache[s] = (retrieval_sets(make_protocol(faces, len(dis)), faces, dis),
+                        retrieval_sets(make_protocol(faces, len(dis), kind="closed"), faces, dis))
+        open_sets, closed_sets = cache[s]
+        model = zoo.load(name)
+        db = model.encode(open_sets.db_images)
+        clean = _metrics(model.encode(open_sets.query_images), db, open_sets)
+        jpg = _metrics(model.encode(postprocess.apply(open_sets.query_images, "jpeg:75")), db, open_sets)
+        closed = _metrics(model.encode(closed_sets.query_images), model.encode(closed_sets.db_images), closed_sets)
+        rows.append({"name": name, "role": c["role"], "backbone": c["backbone"], "objective": c["objective"],
+                     "bits": c["bits"], "map_all": clean.map_all, "map_100": clean.map_k, "p_10": clean.precision_k,
+                     "map_all_jpeg75": jpg.map_all, "closed_map_all": closed.map_all,
+                     "closed_map_100": closed.map_k, "closed_p_10": closed.precision_k})
+    return rows
+
+
+def bench_teacher(bits: tuple[int, ...] = (16, 32, 64)) -> dict:
+    """The real recognizer's ceiling on the open-set protocol: float mAP@all (cosine) and
+    mAP@all of ITQ codes fitted on the training faces (training identities + distractors)."""
+    faces = load_faceset("lfw158", 32)  # the images are not used: only the split and labels
+    emb, _ = teacher.load_embeddings("lfw158")
+    dis, _ = teacher.load_embeddings("distractors")
+    proto = make_protocol(faces, len(dis))
+    q = emb[proto.queries]
+    db = np.concatenate([emb[proto.database_faces], dis])
+    q_lab = faces.labels[proto.queries].numpy()
+    db_lab = np.concatenate([faces.labels[proto.database_faces].numpy(), -1 - np.arange(len(dis))])
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    float_map = retrieval.mean_average_precision(-unit(q) @ unit(db).T, q_lab, db_lab)
+    fit_on = np.concatenate([emb[proto.train], dis])
+    hashed = {}
+    for b in bits:
+        itq = ITQ(b).fit(fit_on)
+        hashed[b] = retrieval.mean_average_precision(
+            retrieval.hamming_distance(itq.encode(q), itq.encode(db)), q_lab, db_lab)
+    return {"float_map": float_map, "hashed": hashed}
+
+
+def bench_index(n_codes: int = 1_000_000, n_queries: int = 64, bits: int = 64, k: int = 100,
+                seed: int = 0) -> dict:
+    """Queries/s of exact top-k Hamming search over ``n_codes`` random codes: FAISS
+    ``IndexBinaryFlat`` vs the numpy reference, same queries, same machine, one run."""
+    rng = np.random.default_rng(seed)
+    db = np.where(rng.random((n_codes, bits), dtype=np.float32) > 0.5, 1, -1).astype(np.int8)
+    q = np.where(rng.random((n_queries, bits)) > 0.5, 1, -1).astype(np.int8)
+    out = {"n_codes": n_codes, "bits": bits, "k": k, "n_queries": n_queries}
+    results = {}
+    for backend in ("faiss", "numpy"):
+        index = retrieval.HammingIndex(bits, backend)
+        index.add(db)
+        t = time.perf_counter()
+        results[backend] = index.search(q, k)
+        out[f"{backend}_qps"] = n_queries / (time.perf_counter() - t)
+    out["same_distances"] = bool((results["faiss"][0] == results["numpy"][0]).all())
+    return out
+
+
+def bench_retrieval() -> dict:
+    """The whole retrieval benchmark as one dict (the ``--json`` contract)."""
+    torch.set_grad_enabled(False)
+    return {"protocol": make_protocol(load_faceset("lfw158", 32), 2000).describe(),
+            "models": bench_models(), "teacher": bench_teacher(), "index": bench_index()}
+
+
+def _print_retrieval(r: dict) -> None:
+    print(r["protocol"])
+    cols = ["name", "role", "bits", "map_all", "map_100", "p_10", "map_all_jpeg75",
+            "closed_map_all", "closed_map_100", "closed_p_10"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for m in r["models"]:
+        print("| " + " | ".join(f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]) for c in cols) + " |")
+    t = r["teacher"]
+    print(f"\nteacher (dlib ResNet, 128-D): float mAP@all {t['float_map']:.3f}; ITQ-hashed "
+          + ", ".join(f"{b} bits {v:.3f}" for b, v in t["hashed"].items()))
+    i = r["index"]
+    print(f"\nexact top-{i['k']} Hamming search, {i['n_codes']:,} random {i['bits']}-bit codes: "
+          f"FAISS {i['faiss_qps']:.0f} queries/s, numpy {i['numpy_qps']:.1f} queries/s "
+          f"({i['faiss_qps'] / i['numpy_qps']:.0f}x), same distances: {i['same_distances']}")
+
+
+def bench_attacks(eps: float = 8 / 255, pgd_steps: int = 10, posts: tuple[str, ...] = ("none", "jpeg:75"),
+                  perturbation: str = "uap_surrogates_8") -> dict:
+    """The baseline table on the open-set evaluation identities: random sign noise, per-image
+    PGD (made on the ensemble of surrogates) and the shipped UAP, each at ``eps``, on every
+    zoo model, in both threat settings, with and without real post-processing."""
+    torch.set_grad_enabled(True)
+    faces, dis = load_faceset("lfw158", 112), load_faceset("distractors", 112)
+    sets = retrieval_sets(make_protocol(faces, len(dis)), faces, dis)
+    surrogates = [zoo.load(n) for n in zoo.surrogates()]
+    uap = Perturbation.load(perturbation)
+    own = sets.db_images[sets.db_source >= 0]
+    gen = torch.Generator().manual_seed(0)
+    protections: dict[str, dict[str, evaluate.Protect]] = {"noise": {}, "pgd": {}, "uap": {}}
+    for setting, x in (("query", sets.query_images), ("database", own)):
+        noise = eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
+        protections["noise"][setting] = evaluate.precomputed(x, (x + noise).clamp(0, 1))
+        delta = attacks.pgd(surrogates, x, eps=eps, alpha=eps / 4, steps=pgd_steps)
+        protections["pgd"][setting] = evaluate.precomputed(x, x + delta)
+        protections["uap"][setting] = uap.apply
+    rows = []
+    for name in zoo.names():
+        model, role = zoo.load(name), zoo.card(name)["role"]
+        for method, by_setting in protections.items():
+            for setting, protect in by_setting.items():
+                for post in posts:
+                    r = evaluate.evaluate_protection(model, protect, sets, setting, post)
+                    rows.append({"method": method, "victim": name, "role": role, "setting": setting,
+                                 "post": post, "map_clean": r.map_clean, "map_after": r.map_after,
+                                 "rel_drop": r.rel_drop, "anti_retrieval": r.anti_retrieval,
+                                 "bits_flipped": r.bits_flipped, "psnr": r.psnr, "ssim": r.ssim})
+    return {"eps": eps, "pgd_steps": pgd_steps, "perturbation": uap.card, "rows": rows}
+
+
+def _print_attacks(r: dict) -> None:
+    print(f"eps = {r['eps'] * 255:.0f}/255; PGD: {r['pgd_steps']} steps on the surrogate ensemble; "
+          f"UAP: {r['perturbation'].get('method')} on {r['perturbation'].get('surrogates')}")
+    cols = ["method", "victim", "role", "setting", "post", "map_clean", "map_after", "rel_drop",
+            "anti_retrieval", "bits_flipped", "psnr", "ssim"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for m in r["rows"]:
+        print("| " + " | ".join(f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]) for c in cols) + " |")
+
+
+BENCHES = {"retrieval": (bench_retrieval, _print_retrieval), "attacks": (bench_attacks, _print_attacks)}
+
+
+def bench_cg(n_faces: int = 300) -> dict:
+    """Fidelity of the shipped Compression Generator to the real codecs on ``n_faces``
+    held-out faces (evaluation identities, 112x112), per JPEG quality 50..95 (Pillow, 4:2:0)
+    and per platform profile: PSNR of CG(x), kornia's differentiable JPEG and x itself to
+    real(x), and the share of hash bits (mean over every zoo model) that agree with real(x)."""
+    from . import cg
+
+    torch.set_grad_enabled(False)
+    model = cg.load()
+    x = cg.heldout_faces(112, n_faces)
+    names = zoo.names()
+    rows = cg.measure_fidelity(model, x, cg.BENCH_SETTINGS, [zoo.load(n) for n in names])
+    return {"n_faces": len(x), "models": names, "cg_card": {k: cg.card()[k] for k in ("sha256", "train_minutes")},
+            "rows": rows}
+
+
+def _print_cg(r: dict) -> None:
+    print(f"{r['n_faces']} held-out faces (evaluation identities, 112x112); bits over {len(r['models'])} "
+          f"zoo models: {', '.join(r['models']) or 'none'}")
+    cols = ["setting", "psnr_cg", "psnr_diffjpeg", "psnr_identity", "bits_agree_cg", "bits_agree_diffjpeg",
+            "bits_agree_identity"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for m in r["rows"]:
+        print("| " + " | ".join("-" if m[c] is None else f"{m[c]:.2f}" if c.startswith("psnr") else
+                                f"{m[c]:.4f}" if isinstance(m[c], float) else str(m[c]) for c in cols) + " |")
+
+
+BENCHES["cg"] = (bench_cg, _print_cg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m toap_kit.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=sorted(BENCHES))
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = p.parse_args(argv)
+    run, show = BENCHES[args.what]
+    result = run()
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        show(result)
+
+
+if __name__ == "__main__":
+    main()

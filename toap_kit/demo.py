@@ -1,0 +1,146 @@
+"""The demo's Gradio Blocks: a face photo's top-10 results in a deep-hash face search engine.
+
+The engine's database is the open-set protocol's database (evaluation identities' photos plus
+2,000 distractors), the people no shipped model was trained on. Pick a shipped query face or
+upload a photo (the largest face is detected and cropped like the shipped crops), choose a
+model, and see the top 10 with Hamming distances, right and wrong matches marked.
+
+The search functions are plain Python (``Engine.search``) so they can be tested without a
+browser; ``build_demo()`` only wires them to widgets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import retrieval, zoo
+from .data import crop_face, load_faceset, make_protocol, retrieval_sets
+from .postprocess import from_pil, to_pil
+
+__all__ = ["Engine", "SearchResult", "build_demo"]
+
+DISPLAY = 112  # side of the images the demo keeps and shows
+
+
+@dataclass
+class SearchResult:
+    """Top-k of one query: database indices, Hamming distances, identity names, and whether
+    each is the query's identity (``None`` for an uploaded photo of unknown identity)."""
+
+    indices: list[int]
+    distances: list[int]
+    names: list[str]
+    correct: list[bool] | None
+
+
+class Engine:
+    """A face search engine over the open-set database, one code table per model."""
+
+    def __init__(self):
+        faces = load_faceset("lfw158", DISPLAY)
+        dis = load_faceset("distractors", DISPLAY)
+        self.sets = retrieval_sets(make_protocol(faces, len(dis)), faces, dis)
+        self.query_names = [faces.identities[int(i)] for i in self.sets.query_labels]
+        names = faces.names()
+        self.db_names = [names[int(s)] if s >= 0 else dis.identities[int(-1 - s)]
+                         for s in self.sets.db_source]
+        self.models = zoo.names()
+        if not self.models:
+            raise FileNotFoundError("no models in data/zoo: run `make artifacts`")
+
+    @lru_cache(maxsize=None)
+    def _model_and_index(self, name: str) -> tuple[torch.nn.Module, retrieval.HammingIndex]:
+        model = zoo.load(name)
+        index = retrieval.HammingIndex(model.bits)
+        index.add(model.encode(self.sets.db_images))
+        return model, index
+
+    def search(self, image: torch.Tensor, model_name: str, k: int = 10,
+               identity: str | None = None) -> SearchResult:
+        """Top-``k`` database faces for one ``3 x H x W`` [0, 1] face crop."""
+        if model_name not in self.models:
+            raise ValueError(f"unknown model {model_name!r}; choose one of {self.models}")
+        model, index = self._model_and_index(model_name)
+        d, i = index.search(model.encode(image[None]), k)
+        names = [self.db_names[j] for j in i[0]]
+        correct = None if identity is None else [n == identity for n in names]
+        return SearchResult(i[0].tolist(), d[0].tolist(), names, correct)
+
+    def query(self, n: int) -> tuple[torch.Tensor, str]:
+        """Shipped query ``n``: its image and identity."""
+        if not 0 <= n < len(self.query_names):
+            raise IndexError(f"query index must be in 0..{len(self.query_names) - 1}, got {n}")
+        return self.sets.query_images[n], self.query_names[n]
+
+
+def _gallery(engine: Engine, res: SearchResult) -> list[tuple[Image.Image, str]]:
+    out = []
+    for rank, (j, d, name) in enumerate(zip(res.indices, res.distances, res.names)):
+        mark = "" if res.correct is None else ("✔ " if res.correct[rank] else "✘ ")
+        out.append((to_pil(engine.sets.db_images[j]), f"{mark}{rank + 1}. {name.replace('_', ' ')}  d={d}"))
+    return out
+
+
+def _summary(res: SearchResult, name: str | None, model: str) -> str:
+    if res.correct is None:
+        return (f"**{model}**: top-10 for the uploaded face (its identity is unknown, so matches "
+                "are not marked).")
+    hits = sum(res.correct)
+    return (f"**{model}**: {hits} of the top 10 are {name.replace('_', ' ')} "
+            f"(the database holds other photos of this person).")
+
+
+def build_demo(engine: Engine | None = None):
+    """The Gradio Blocks of the demo (``demo_app.py`` launches it)."""
+    import gradio as gr
+
+    engine = engine or Engine()
+    thumbs = [(to_pil(engine.sets.query_images[i]), engine.query_names[i].replace("_", " "))
+              for i in range(len(engine.query_names))]
+
+    def run_shipped(n: int, model_name: str):
+        image, name = engine.query(int(n))
+        res = engine.search(image, model_name, identity=name)
+        return to_pil(image), _gallery(engine, res), _summary(res, name, model_name)
+
+    def run_upload(photo: Image.Image | None, model_name: str):
+        if photo is None:
+            raise gr.Error("Upload a photo with a face first.")
+        crop, found = crop_face(from_pil(photo), DISPLAY)
+        res = engine.search(crop, model_name)
+        note = "" if found else " No face was detected: the centre of the photo was used."
+        return to_pil(crop), _gallery(engine, res), _summary(res, None, model_name) + note
+
+    def on_select(evt: gr.SelectData):
+        return evt.index
+
+    with gr.Blocks(title="toap-kit: deep-hash face search") as demo:
+        gr.Markdown("# Deep-hash face search\nA face search engine built on a small hash CNN "
+                    "(Hamming distance between binary codes). Its database holds photos of "
+                    f"{len(set(engine.query_names))} people no model was trained on, plus 2,000 "
+                    "other people. Pick a face or upload one. Protection joins in a later release.")
+        with gr.Row():
+            model_dd = gr.Dropdown(engine.models, value=engine.models[0], label="hash model")
+            query_no = gr.Number(value=0, precision=0, label="shipped query #", minimum=0,
+                                 maximum=len(engine.query_names) - 1)
+        with gr.Row():
+            with gr.Column(scale=1):
+                picker = gr.Gallery(thumbs, label="shipped query faces (click one)", columns=6,
+                                    height=300, allow_preview=False)
+                upload = gr.Image(type="pil", label="or upload a face photo")
+                upload_btn = gr.Button("Search with the uploaded photo")
+            with gr.Column(scale=2):
+                shown = gr.Image(label="query as searched", height=160)
+                summary = gr.Markdown()
+                results = gr.Gallery(label="top-10 (✔ same person, ✘ someone else)", columns=5, height=340)
+        picker.select(on_select, None, query_no)
+        outs = [shown, results, summary]
+        query_no.change(run_shipped, [query_no, model_dd], outs, api_name="search_shipped")
+        model_dd.change(run_shipped, [query_no, model_dd], outs)
+        upload_btn.click(run_upload, [upload, model_dd], outs, api_name="search_upload")
+        demo.load(run_shipped, [query_no, model_dd], outs)
+    return demo

@@ -1,0 +1,176 @@
+"""How well a protection works: retrieval before/after, in two threat settings.
+
+- **query** setting: the protected photo is the query, the database is clean.
+- **database** setting: the person's protected photos sit in the crawled database (the
+  distractors, other people, stay clean); clean photos of the person are the queries.
+
+A protection is any ``protect(images) -> images`` on ``N x 3 x H x W`` [0, 1] batches:
+``Perturbation.apply`` for a universal one, or a per-image attack. ``post`` names the real
+post-processing (``toap_kit.postprocess.apply`` spec) applied to the protected photos, as a
+social network would, before the engine sees them. Always on the open-set protocol's
+evaluation identities unless you pass other sets.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import kornia
+import numpy as np
+import torch
+
+from . import postprocess, retrieval
+from .data import RetrievalSets
+
+__all__ = ["ProtectionResult", "evaluate_protection", "precomputed", "psnr", "robustness_curve", "ssim",
+           "transfer_matrix", "variation_pattern"]
+
+Protect = Callable[[torch.Tensor], torch.Tensor]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR (dB) between two ``N x 3 x H x W`` [0, 1] batches (identical images: inf)."""
+    mse = ((a - b) ** 2).flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM (11x11 Gaussian window, kornia) between two ``N x 3 x H x W`` [0, 1] batches."""
+    return float(kornia.metrics.ssim(a, b, window_size=11).mean())
+
+
+@dataclass
+class ProtectionResult:
+    """Retrieval before/after protection, and what the protection costs in image quality."""
+
+    setting: str
+    post: str
+    map_clean: float
+    map_after: float
+    map100_clean: float
+    map100_after: float
+    rel_drop: float            # (map_clean - map_after) / map_clean
+    anti_retrieval: float      # share of queries with no same-identity item in the top 10
+    bits_flipped: float        # share of the protected photos' bits that differ from clean
+    psnr: float                # protected vs original (before post-processing), dB
+    ssim: float
+    linf: float                # max |protected - original|, pixel units of [0, 1]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def precomputed(original: torch.Tensor, protected: torch.Tensor) -> Protect:
+    """A ``protect`` that returns already-made ``protected`` images for exactly ``original``
+    (e.g. per-image PGD results reused across victims and post-processings)."""
+
+    def protect(x: torch.Tensor) -> torch.Tensor:
+        if x.shape != original.shape or not torch.equal(x, original):
+            raise ValueError("precomputed protection called on other images than it was made for")
+        return protected
+
+    return protect
+
+
+def _anti_retrieval(dist: np.ndarray, q_labels, db_labels, k: int = 10) -> float:
+    rel = np.asarray(db_labels)[retrieval.rank(dist)[:, :k]] == np.asarray(q_labels)[:, None]
+    return float((~rel.any(axis=1)).mean())
+
+
+def evaluate_protection(model: torch.nn.Module, protect: Protect, sets: RetrievalSets,
+                        setting: str = "query", post: str = "none") -> ProtectionResult:
+    """Retrieval of ``sets`` by ``model`` before and after ``protect`` (then ``post``).
+
+    The clean baseline sees the same post-processing as the protected photos (a platform
+    re-encodes every upload), so the drop measures the protection, not the codec.
+    """
+    if setting not in ("query", "database"):
+        raise ValueError(f"setting must be 'query' or 'database', got {setting!r}")
+    if setting == "query":
+        original = sets.query_images
+    else:
+        own = sets.db_source >= 0  # the evaluation identities' photos; distractors stay clean
+        original = sets.db_images[own]
+    protected = protect(original)
+    if protected.shape != original.shape:
+        raise ValueError(f"protect() changed the shape {tuple(original.shape)} -> {tuple(protected.shape)}")
+    seen_clean = postprocess.apply(original, post)
+    seen_protected = postprocess.apply(protected, post)
+    codes_clean, codes_prot = model.encode(seen_clean), model.encode(seen_protected)
+    if setting == "query":
+        db = model.encode(sets.db_images)
+        d_clean = retrieval.hamming_distance(codes_clean, db)
+        d_after = retrieval.hamming_distance(codes_prot, db)
+    else:
+        q = model.encode(sets.query_images)
+        rest = model.encode(sets.db_images[~own])
+        d_clean = retrieval.hamming_distance(q, torch.cat([codes_clean, rest]))
+        d_after = retrieval.hamming_distance(q, torch.cat([codes_prot, rest]))
+    labels = (sets.query_labels, sets.db_labels if setting == "query"
+              else torch.cat([sets.db_labels[own], sets.db_labels[~own]]))
+    before = retrieval.evaluate(d_clean, *labels)
+    after = retrieval.evaluate(d_after, *labels)
+    return ProtectionResult(
+        setting, post, before.map_all, after.map_all, before.map_k, after.map_k,
+        (before.map_all - after.map_all) / before.map_all, _anti_retrieval(d_after, *labels),
+        float((codes_clean != codes_prot).float().mean()), psnr(protected, original),
+        ssim(protected, original), float((protected - original).abs().max()))
+
+
+def transfer_matrix(protections: dict[str, Protect], models: dict[str, torch.nn.Module],
+                    sets: RetrievalSets, setting: str = "query", post: str = "none") -> np.ndarray:
+    """Relative mAP drop, rows = protections (e.g. made on each surrogate), columns = models."""
+    return np.array([[evaluate_protection(m, p, sets, setting, post).rel_drop for m in models.values()]
+                     for p in protections.values()])
+
+
+def robustness_curve(model: torch.nn.Module, protect: Protect, sets: RetrievalSets,
+                     posts: Sequence[str] = ("none", "jpeg:95", "jpeg:90", "jpeg:80", "jpeg:70",
+                                             "jpeg:60", "jpeg:50", "jpeg:40", "jpeg:30",
+                                             "resize:0.75", "resize:0.5"),
+                     setting: str = "query") -> list[ProtectionResult]:
+    """The protection's effect after each real post-processing in ``posts``."""
+    return [evaluate_protection(model, protect, sets, setting, p) for p in posts]
+
+
+@torch.no_grad()
+def variation_pattern(model: torch.nn.Module, clean: torch.Tensor, adversarial: torch.Tensor,
+                      post: str = "jpeg:75") -> dict:
+    """What real post-processing does to a hash model's pre-sign outputs ``u``.
+
+    Args:
+        clean, adversarial: ``N x 3 x H x W`` [0, 1], the same faces without/with a perturbation.
+        post: a ``postprocess.apply`` spec.
+
+    Returns a dict of statistics:
+        ``abs_u_clean``, ``abs_u_clean_post``, ``abs_u_adv``, ``abs_u_adv_post``: mean |u|;
+        ``shrink_clean``, ``shrink_adv``: mean |u| after / before post-processing;
+        ``flipped``: share of bits the perturbation flipped (vs clean codes, no post);
+        ``flipped_post``: share still flipped after post-processing (vs clean codes after post);
+        ``flip_back``: share of the flipped bits that return to the clean code after post;
+        ``flip_back_per_bit``: the same per bit (list of length L; NaN where never flipped);
+        ``clean_bits_changed_by_post``: share of clean bits that post-processing alone flips.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        u_c, u_a = model(clean), model(adversarial)
+        u_cp, u_ap = model(postprocess.apply(clean, post)), model(postprocess.apply(adversarial, post))
+    finally:
+        model.train(was_training)
+    b_c, b_a, b_cp, b_ap = (torch.where(u >= 0, 1.0, -1.0) for u in (u_c, u_a, u_cp, u_ap))
+    flipped = b_a != b_c
+    back = flipped & (b_ap == b_c)
+    per_bit = back.float().sum(0) / flipped.float().sum(0)
+    return {
+        "post": post,
+        "abs_u_clean": float(u_c.abs().mean()), "abs_u_clean_post": float(u_cp.abs().mean()),
+        "abs_u_adv": float(u_a.abs().mean()), "abs_u_adv_post": float(u_ap.abs().mean()),
+        "shrink_clean": float(u_cp.abs().mean() / u_c.abs().mean()),
+        "shrink_adv": float(u_ap.abs().mean() / u_a.abs().mean()),
+        "flipped": float(flipped.float().mean()),
+        "flipped_post": float((b_ap != b_cp).float().mean()),
+        "flip_back": float(back.sum() / flipped.sum().clamp_min(1)),
+        "flip_back_per_bit": per_bit.tolist(),
+        "clean_bits_changed_by_post": float((b_cp != b_c).float().mean()),
+    }

@@ -1,0 +1,102 @@
+"""A universal perturbation as a versioned artifact: ``delta`` + a JSON card.
+
+    >>> p = Perturbation.load("uap_surrogates_8")     # a shipped one, by name
+    >>> protected = p.apply(photos)                    # N x 3 x H x W in [0, 1], any size
+
+Files: ``<path>.safetensors`` (the tensor) and ``<path>.json`` (method, eps, size, surrogates,
+data split, seed, sha256 of the tensor file). Loading checks the checksum and the eps-ball and
+refuses a changed file with a clear error. The same class holds TOAP's result.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .data import DATA_DIR, sha256_file
+
+__all__ = ["PERTURBATION_DIR", "Perturbation"]
+
+PERTURBATION_DIR = DATA_DIR / "perturbations"
+FORMAT_VERSION = 1
+
+
+class Perturbation:
+    """One universal ``delta`` (``3 x S x S``, ``|delta|_inf <= eps``) and its card.
+
+    Args:
+        delta: the perturbation, pixel units of [0, 1].
+        eps: its L-inf budget (pixel units of [0, 1]).
+        card: provenance (method, surrogates, data split, seed, ...).
+    """
+
+    def __init__(self, delta: torch.Tensor, eps: float, card: dict | None = None):
+        if delta.ndim != 3 or delta.shape[0] != 3:
+            raise ValueError(f"delta must be 3 x H x W, got {tuple(delta.shape)}")
+        if not 0 < eps <= 1:
+            raise ValueError(f"eps must be in (0, 1], got {eps}")
+        if float(delta.abs().max()) > eps + 1e-6:
+            raise ValueError(f"|delta|_inf = {float(delta.abs().max()):.5f} exceeds eps = {eps:.5f}")
+        self.delta = delta.detach().clone().float()
+        self.eps = float(eps)
+        self.card = dict(card or {})
+
+    def resized(self, height: int, width: int) -> torch.Tensor:
+        """``delta`` resized to ``3 x height x width`` (bilinear: a convex combination, so the
+        eps-ball still holds)."""
+        if (height, width) == tuple(self.delta.shape[-2:]):
+            return self.delta
+        smaller = height < self.delta.shape[-2] or width < self.delta.shape[-1]
+        return F.interpolate(self.delta[None], size=(height, width), mode="bilinear",
+                             align_corners=False, antialias=smaller)[0]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Protected images ``clamp(x + delta, 0, 1)`` for ``N x 3 x H x W`` (or ``3 x H x W``)
+        images in [0, 1] of any size; ``x`` is not modified."""
+        if x.ndim not in (3, 4) or x.shape[-3] != 3:
+            raise ValueError(f"expected (N x) 3 x H x W pixels, got shape {tuple(x.shape)}")
+        return (x + self.resized(*x.shape[-2:]).to(x.device, x.dtype)).clamp(0, 1)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the tensor file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensor_file = path.with_suffix(".safetensors")
+        tmp = tensor_file.with_name(tensor_file.name + ".tmp")
+        save_file({"delta": self.delta.contiguous()}, str(tmp))
+        tmp.replace(tensor_file)
+        card = {**self.card, "format_version": FORMAT_VERSION, "eps": self.eps,
+                "size": list(self.delta.shape[-2:]), "sha256": sha256_file(tensor_file)}
+        tmp_card = path.with_name(path.stem + ".json.tmp")
+        tmp_card.write_text(json.dumps(card, indent=1))
+        tmp_card.replace(path.with_suffix(".json"))
+        self.card = card
+        return tensor_file
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> "Perturbation":
+        """Load from a path (with or without suffix) or the name of a shipped perturbation.
+
+        Raises:
+            FileNotFoundError: no such perturbation.
+            ValueError: the tensor does not match the card's sha256, or breaks its eps-ball.
+        """
+        path = Path(path_or_name)
+        if not path.with_suffix(".json").is_file() and (PERTURBATION_DIR / path.name).with_suffix(".json").is_file():
+            path = PERTURBATION_DIR / path.name
+        card_file, tensor_file = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        if not card_file.is_file() or not tensor_file.is_file():
+            shipped = sorted(p.stem for p in PERTURBATION_DIR.glob("*.json"))
+            raise FileNotFoundError(f"no perturbation at {path} (shipped: {shipped})")
+        card = json.loads(card_file.read_text())
+        if sha256_file(tensor_file) != card.get("sha256"):
+            raise ValueError(f"{tensor_file} does not match the sha256 in {card_file}: "
+                             "the file was changed or damaged, refusing to load it")
+        return cls(load_file(str(tensor_file))["delta"], card["eps"], card)
+
+    def __repr__(self) -> str:
+        return (f"Perturbation(method={self.card.get('method')!r}, eps={self.eps * 255:.1f}/255, "
+                f"size={tuple(self.delta.shape[-2:])})")
