@@ -27,16 +27,9 @@ def test_search_shipped_query_marks_matches(engine):
 
 def test_upload_path_crops_and_searches(engine):
     photo = Image.open(DATA_DIR / "photos250" / "Bill_Clinton" / "01.jpg").convert("RGB")
-    shown, gallery, summary = demo_callbacks(engine)["upload"](photo, zoo.names()[0])
+    shown, gallery, summary = demo.search_upload(engine, photo, zoo.names()[0])
     assert shown.size == (demo.DISPLAY, demo.DISPLAY)
     assert len(gallery) == 10 and "unknown" in summary
-
-
-def demo_callbacks(engine):
-    """The Blocks' callbacks, found by their api names."""
-    blocks = demo.build_demo(engine)
-    fns = {fn.name: fn.fn for fn in blocks.fns.values()}
-    return {"shipped": fns["search_shipped"], "upload": fns["search_upload"]}
 
 
 def _free_port() -> int:

@@ -33,7 +33,7 @@ def build_teacher(force: bool = False) -> None:
         teacher.save_embeddings(name, faces.paths, rec.embed(faces.images))
 
 
-def build_uap(force: bool = False, eps: float = 8 / 255, steps: int = 400, seed: int = 0) -> None:
+def build_uap(force: bool = False, eps: float = 8 / 255, steps: int = 150, seed: int = 0) -> None:
     """The UAP baseline: one delta (112x112) on the ensemble of surrogates, trained on the
     training identities' faces of the open-set protocol only."""
     path = PERTURBATION_DIR / "uap_surrogates_8"

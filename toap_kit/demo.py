@@ -8,8 +8,6 @@ model, and see the top 10 with Hamming distances, right and wrong matches marked
 The search functions are plain Python (``Engine.search``) so they can be tested without a
 browser; ``build_demo()`` only wires them to widgets.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,7 +19,7 @@ from . import retrieval, zoo
 from .data import crop_face, load_faceset, make_protocol, retrieval_sets
 from .postprocess import from_pil, to_pil
 
-__all__ = ["Engine", "SearchResult", "build_demo"]
+__all__ = ["Engine", "SearchResult", "build_demo", "search_shipped", "search_upload"]
 
 DISPLAY = 112  # side of the images the demo keeps and shows
 
@@ -94,6 +92,21 @@ def _summary(res: SearchResult, name: str | None, model: str) -> str:
             f"(the database holds other photos of this person).")
 
 
+def search_shipped(engine: Engine, n: int, model_name: str):
+    """Callback: shipped query ``n`` -> (query image, top-10 gallery, summary markdown)."""
+    image, name = engine.query(int(n))
+    res = engine.search(image, model_name, identity=name)
+    return to_pil(image), _gallery(engine, res), _summary(res, name, model_name)
+
+
+def search_upload(engine: Engine, photo: Image.Image, model_name: str):
+    """Callback: an uploaded photo (face detected and cropped) -> (crop, gallery, summary)."""
+    crop, found = crop_face(from_pil(photo), DISPLAY)
+    res = engine.search(crop, model_name)
+    note = "" if found else " No face was detected: the centre of the photo was used."
+    return to_pil(crop), _gallery(engine, res), _summary(res, None, model_name) + note
+
+
 def build_demo(engine: Engine | None = None):
     """The Gradio Blocks of the demo (``demo_app.py`` launches it)."""
     import gradio as gr
@@ -103,17 +116,12 @@ def build_demo(engine: Engine | None = None):
               for i in range(len(engine.query_names))]
 
     def run_shipped(n: int, model_name: str):
-        image, name = engine.query(int(n))
-        res = engine.search(image, model_name, identity=name)
-        return to_pil(image), _gallery(engine, res), _summary(res, name, model_name)
+        return search_shipped(engine, n, model_name)
 
-    def run_upload(photo: Image.Image | None, model_name: str):
+    def run_upload(photo, model_name: str):
         if photo is None:
             raise gr.Error("Upload a photo with a face first.")
-        crop, found = crop_face(from_pil(photo), DISPLAY)
-        res = engine.search(crop, model_name)
-        note = "" if found else " No face was detected: the centre of the photo was used."
-        return to_pil(crop), _gallery(engine, res), _summary(res, None, model_name) + note
+        return search_upload(engine, photo, model_name)
 
     def on_select(evt: gr.SelectData):
         return evt.index
