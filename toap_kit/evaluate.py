@@ -29,9 +29,9 @@ Protect = Callable[[torch.Tensor], torch.Tensor]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean PSNR (dB) between two ``N x 3 x H x W`` [0, 1] batches (identical images: inf)."""
-    mse = ((a - b) ** 2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
+    """Mean PSNR (dB) between two ``N x 3 x H x W`` [0, 1] batches (per-image PSNR from
+    ``postprocess.psnr``, capped at 100 dB so identical images do not make the mean inf)."""
+    return float(postprocess.psnr(a, b).clamp(max=100).mean())
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
