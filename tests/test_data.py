@@ -4,7 +4,6 @@ import torch
 from PIL import Image
 
 from toap_kit import data
-from toap_kit.postprocess import to_pil
 
 
 def test_shipped_sets_load_in_range(faces):

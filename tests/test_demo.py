@@ -1,12 +1,10 @@
 import socket
 
 import pytest
-import torch
 from PIL import Image
 
 from toap_kit import demo, zoo
 from toap_kit.data import DATA_DIR
-from toap_kit.postprocess import to_pil
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ browser; ``build_demo()`` only wires them to widgets.
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 import torch
 from PIL import Image
 
