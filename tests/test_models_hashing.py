@@ -96,6 +96,19 @@ def test_trainer_learns_a_toy_problem_and_is_deterministic():
     assert not m1.training
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trainer_on_cuda_returns_a_cpu_model_that_encodes_cpu_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=g)
+    y = torch.arange(4).repeat_interleave(4)
+    m = build_model("resnet", bits=8, input_size=32, width=8)
+    cfg = hashing.TrainConfig(epochs=1, batch_size=8, identities_per_batch=2, images_per_identity=4)
+    hashing.train_hash_model(m, x, y, torch.randn(16, 128), hashing.dpsh_loss, cfg, progress=False,
+                             validate=lambda net: float(net.encode(x).mean()), device="cuda")
+    assert next(m.parameters()).device.type == "cpu"
+    assert m.encode(x).shape == (16, 8)
+
+
 def test_batches_hold_positive_pairs_and_cover_labelled_images():
     labels = torch.cat([torch.arange(10).repeat_interleave(6), torch.full((50,), -1)])
     cfg = hashing.TrainConfig(batch_size=32, identities_per_batch=4, images_per_identity=3)

@@ -236,7 +236,7 @@ def _batches(labels: torch.Tensor, config: TrainConfig, gen: torch.Generator) ->
 def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      teacher: torch.Tensor | None, objective: Callable, config: TrainConfig,
                      validate: Callable[[torch.nn.Module], float] | None = None,
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, device: str | torch.device | None = None) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history.
 
     Args:
@@ -248,12 +248,17 @@ def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch
         config: epochs, batch size, learning rate, loss weights, early-stopping patience, seed.
         validate: ``model -> score`` (higher is better, e.g. validation mAP); with it the best
             epoch's weights are kept and training stops after ``patience`` epochs without gain.
+        device: where to train (default: CUDA if available, else CPU); the data stay on the
+            CPU, batches are moved, and the model returns to its own device at the end.
 
     AdamW with a one-cycle learning-rate schedule; batches by ``_batches``; augmentation
     by ``augment``.
     """
     if len(images) != len(labels) or (teacher is not None and len(teacher) != len(images)):
         raise ValueError("images, labels and teacher embeddings must have the same length")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    home = next(model.parameters()).device
+    model.to(device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -271,11 +276,11 @@ def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch
         for idx in _batches(labels, config, gen):
             if len(idx) < 2:
                 continue
-            x = augment(images[idx], gen)
+            x = augment(images[idx], gen).to(device)
             u, emb = model.forward_with_embedding(x)
-            loss = config.hash_weight * objective(u, labels[idx])
+            loss = config.hash_weight * objective(u, labels[idx].to(device))
             if teacher is not None:
-                loss = loss + config.distill_weight * distill_loss(u, emb, teacher[idx])
+                loss = loss + config.distill_weight * distill_loss(u, emb, teacher[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -297,5 +302,5 @@ def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.eval()
+    model.to(home).eval()
     return history

@@ -128,11 +128,13 @@ class HashNet(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Hash codes in {-1, +1}, ``N x bits``, in eval mode (the mode is restored)."""
+        """Hash codes in {-1, +1}, ``N x bits``, on the CPU, in eval mode (the mode is
+        restored); batches of ``x`` are moved to the model's device."""
         was_training = self.training
         self.eval()
+        dev = self.mean.device
         try:
-            u = torch.cat([self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+            u = torch.cat([self(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
         finally:
             self.train(was_training)
         return torch.where(u >= 0, 1.0, -1.0)
