@@ -149,6 +149,16 @@ def test_evaluate_a_protection_that_replaces_the_face():
         evaluate.evaluate_protection(model, noise, sets, "both")
 
 
+def test_evaluator_reused_across_protections_matches_fresh_evaluations():
+    model, sets = ProjectionHash(), _toy_sets()
+    ev = evaluate.Evaluator(model, sets)
+    protections = [lambda x: x.clone(), lambda x: (x + 0.3).clamp(0, 1), lambda x: 1 - x]
+    for setting in ("query", "database"):
+        for post in ("none", "jpeg:50"):
+            for protect in protections:
+                assert ev(protect, setting, post) == evaluate.evaluate_protection(model, protect, sets, setting, post)
+
+
 def test_psnr_hand_computed():
     a = torch.zeros(1, 3, 4, 4)
     assert evaluate.psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-4)

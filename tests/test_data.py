@@ -48,6 +48,20 @@ def test_retrieval_sets_label_distractors_apart(faces):
     assert (sets.db_labels[-2000:] < 0).all() and len(set(sets.db_labels[-2000:].tolist())) == 2000
     assert not set(sets.query_labels.tolist()) & set(sets.db_labels[-2000:].tolist())
 
+    small_sets = sets.subset(6)  # 3 queries per identity: two people
+    assert torch.equal(small_sets.query_images, sets.query_images[:6])
+    kept = set(small_sets.query_labels.tolist())
+    assert len(kept) == 2
+    own = small_sets.db_source >= 0
+    assert set(small_sets.db_labels[own].tolist()) == kept
+    assert int(own.sum()) == int(torch.isin(sets.db_labels, sets.query_labels[:6]).sum())
+    assert int((~own).sum()) == 2000, "every distractor stays by default"
+    fewer = sets.subset(6, n_distractors=100)
+    assert torch.equal(fewer.db_source[fewer.db_source < 0], -1 - torch.arange(100))
+    assert torch.equal(fewer.db_images[fewer.db_source >= 0], small_sets.db_images[own])
+    with pytest.raises(ValueError, match="n_queries must be"):
+        sets.subset(0)
+
 
 def test_user_folder_loads_and_bad_files_are_named(tmp_path):
     for ident in ("ann", "bob"):

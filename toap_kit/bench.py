@@ -143,11 +143,11 @@ def bench_attacks(eps: float = 8 / 255, pgd_steps: int = 10, posts: tuple[str, .
         protections["uap"][setting] = uap.apply
     rows = []
     for name in zoo.names():
-        model, role = zoo.load(name), zoo.card(name)["role"]
+        ev, role = evaluate.Evaluator(zoo.load(name), sets), zoo.card(name)["role"]
         for method, by_setting in protections.items():
             for setting, protect in by_setting.items():
                 for post in posts:
-                    r = evaluate.evaluate_protection(model, protect, sets, setting, post)
+                    r = ev(protect, setting, post)
                     rows.append({"method": method, "victim": name, "role": role, "setting": setting,
                                  "post": post, "map_clean": r.map_clean, "map_after": r.map_after,
                                  "rel_drop": r.rel_drop, "anti_retrieval": r.anti_retrieval,
@@ -164,6 +164,17 @@ def _print_attacks(r: dict) -> None:
     print("|" + "---|" * len(cols))
     for m in r["rows"]:
         print("| " + " | ".join(f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]) for c in cols) + " |")
+    # the same numbers, one line per victim and method: relative mAP drop per setting x post
+    keys = sorted({(m["setting"], m["post"]) for m in r["rows"]}, key=lambda k: (k[0] != "query", k[1] != "none", k))
+    cells = {(m["victim"], m["method"], m["setting"], m["post"]): m for m in r["rows"]}
+    print("\nrelative mAP@all drop (clean mAP@all in brackets)")
+    print("| victim | role | method | " + " | ".join(f"{s} / {p}" for s, p in keys) + " | PSNR, queries (dB) | SSIM, queries |")
+    print("|" + "---|" * (len(keys) + 5))
+    for victim, role, method in dict.fromkeys((m["victim"], m["role"], m["method"]) for m in r["rows"]):
+        row = [cells[victim, method, s, p] for s, p in keys]
+        print(f"| {victim} | {role} | {method} | "
+              + " | ".join(f"{c['rel_drop']:.1%} ({c['map_clean']:.3f})" for c in row)
+              + f" | {row[0]['psnr']:.1f} | {row[0]['ssim']:.3f} |")
 
 
 BENCHES = {"retrieval": (bench_retrieval, _print_retrieval), "attacks": (bench_attacks, _print_attacks)}

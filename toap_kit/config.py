@@ -37,6 +37,7 @@ class Config:
     train_epochs: int        # epochs of a model trained live in a notebook
     n_train_images: int      # training faces used live in a notebook (0 = all)
     n_eval_queries: int      # evaluation queries (0 = all)
+    n_distractors: int       # distractors in an evaluation database (0 = all 2,000)
     attack_steps: int        # PGD / universal-perturbation steps
     out: Path = OUTPUT_DIR
 
@@ -57,5 +58,7 @@ def setup(seed: int = 0, fast: bool | None = None, threads: int | None = None) -
     logging.basicConfig(level=logging.WARNING)
     OUTPUT_DIR.mkdir(exist_ok=True)
     if fast:
-        return Config(seed, True, train_epochs=3, n_train_images=600, n_eval_queries=60, attack_steps=10)
-    return Config(seed, False, train_epochs=15, n_train_images=0, n_eval_queries=0, attack_steps=50)
+        return Config(seed, True, train_epochs=3, n_train_images=600, n_eval_queries=60, n_distractors=500,
+                      attack_steps=10)
+    return Config(seed, False, train_epochs=15, n_train_images=0, n_eval_queries=0, n_distractors=0,
+                  attack_steps=50)

@@ -244,6 +244,21 @@ class RetrievalSets:
     db_labels: torch.Tensor
     db_source: torch.Tensor
 
+    def subset(self, n_queries: int, n_distractors: int | None = None) -> "RetrievalSets":
+        """A smaller version for fast runs: the first ``n_queries`` queries, and a database of
+        their identities' photos plus the first ``n_distractors`` distractors (default: all).
+        Other identities' photos are dropped, so the database setting protects only the kept
+        people's photos."""
+        if n_queries < 1:
+            raise ValueError(f"n_queries must be >= 1, got {n_queries}")
+        kept = self.query_labels[:n_queries]
+        dis = self.db_source < 0
+        if n_distractors is not None:
+            dis &= torch.cumsum(dis.long(), 0) <= n_distractors
+        db = dis | torch.isin(self.db_labels, kept)
+        return RetrievalSets(self.query_images[:n_queries], kept, self.db_images[db], self.db_labels[db],
+                             self.db_source[db])
+
 
 def retrieval_sets(protocol: Protocol, faces: FaceSet, distractors: FaceSet) -> RetrievalSets:
     """Images and labels of ``protocol``'s queries and database (faces + all distractors)."""

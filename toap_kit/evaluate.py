@@ -22,7 +22,7 @@ import torch
 from . import postprocess, retrieval
 from .data import RetrievalSets
 
-__all__ = ["ProtectionResult", "evaluate_protection", "precomputed", "psnr", "robustness_curve", "ssim",
+__all__ = ["Evaluator", "ProtectionResult", "evaluate_protection", "precomputed", "psnr", "robustness_curve", "ssim",
            "transfer_matrix", "variation_pattern"]
 
 Protect = Callable[[torch.Tensor], torch.Tensor]
@@ -77,51 +77,70 @@ def _anti_retrieval(dist: np.ndarray, q_labels, db_labels, k: int = 10) -> float
     return float((~rel.any(axis=1)).mean())
 
 
+class Evaluator:
+    """Protection measurements for one ``model`` on one ``sets``, computing each clean code
+    set (database, queries, clean photos after a given post-processing) only once.
+
+    Make a new one when the model's weights or the sets change.
+    """
+
+    def __init__(self, model: torch.nn.Module, sets: RetrievalSets):
+        self.model, self.sets = model, sets
+        self.own = sets.db_source >= 0  # the evaluation identities' photos; distractors stay clean
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _codes(self, key: tuple, images: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = self.model.encode(images())
+        return self._cache[key]
+
+    def __call__(self, protect: Protect, setting: str = "query", post: str = "none") -> ProtectionResult:
+        """Retrieval before and after ``protect`` (then ``post``), in threat ``setting``.
+
+        The clean baseline sees the same post-processing as the protected photos (a platform
+        re-encodes every upload), so the drop measures the protection, not the codec.
+        """
+        if setting not in ("query", "database"):
+            raise ValueError(f"setting must be 'query' or 'database', got {setting!r}")
+        sets, own = self.sets, self.own
+        original = sets.query_images if setting == "query" else sets.db_images[own]
+        protected = protect(original)
+        if protected.shape != original.shape:
+            raise ValueError(f"protect() changed the shape {tuple(original.shape)} -> {tuple(protected.shape)}")
+        codes_clean = self._codes((setting, post), lambda: postprocess.apply(original, post))
+        codes_prot = self.model.encode(postprocess.apply(protected, post))
+        if setting == "query":
+            db = self._codes(("db",), lambda: sets.db_images)
+            d_clean = retrieval.hamming_distance(codes_clean, db)
+            d_after = retrieval.hamming_distance(codes_prot, db)
+            labels = (sets.query_labels, sets.db_labels)
+        else:
+            q = self._codes(("queries",), lambda: sets.query_images)
+            rest = self._codes(("rest",), lambda: sets.db_images[~own])
+            d_clean = retrieval.hamming_distance(q, torch.cat([codes_clean, rest]))
+            d_after = retrieval.hamming_distance(q, torch.cat([codes_prot, rest]))
+            labels = (sets.query_labels, torch.cat([sets.db_labels[own], sets.db_labels[~own]]))
+        before = retrieval.evaluate(d_clean, *labels)
+        after = retrieval.evaluate(d_after, *labels)
+        return ProtectionResult(
+            setting, post, before.map_all, after.map_all, before.map_k, after.map_k,
+            (before.map_all - after.map_all) / before.map_all, _anti_retrieval(d_after, *labels),
+            float((codes_clean != codes_prot).float().mean()), psnr(protected, original),
+            ssim(protected, original), float((protected - original).abs().max()))
+
+
 def evaluate_protection(model: torch.nn.Module, protect: Protect, sets: RetrievalSets,
                         setting: str = "query", post: str = "none") -> ProtectionResult:
-    """Retrieval of ``sets`` by ``model`` before and after ``protect`` (then ``post``).
-
-    The clean baseline sees the same post-processing as the protected photos (a platform
-    re-encodes every upload), so the drop measures the protection, not the codec.
-    """
-    if setting not in ("query", "database"):
-        raise ValueError(f"setting must be 'query' or 'database', got {setting!r}")
-    if setting == "query":
-        original = sets.query_images
-    else:
-        own = sets.db_source >= 0  # the evaluation identities' photos; distractors stay clean
-        original = sets.db_images[own]
-    protected = protect(original)
-    if protected.shape != original.shape:
-        raise ValueError(f"protect() changed the shape {tuple(original.shape)} -> {tuple(protected.shape)}")
-    seen_clean = postprocess.apply(original, post)
-    seen_protected = postprocess.apply(protected, post)
-    codes_clean, codes_prot = model.encode(seen_clean), model.encode(seen_protected)
-    if setting == "query":
-        db = model.encode(sets.db_images)
-        d_clean = retrieval.hamming_distance(codes_clean, db)
-        d_after = retrieval.hamming_distance(codes_prot, db)
-    else:
-        q = model.encode(sets.query_images)
-        rest = model.encode(sets.db_images[~own])
-        d_clean = retrieval.hamming_distance(q, torch.cat([codes_clean, rest]))
-        d_after = retrieval.hamming_distance(q, torch.cat([codes_prot, rest]))
-    labels = (sets.query_labels, sets.db_labels if setting == "query"
-              else torch.cat([sets.db_labels[own], sets.db_labels[~own]]))
-    before = retrieval.evaluate(d_clean, *labels)
-    after = retrieval.evaluate(d_after, *labels)
-    return ProtectionResult(
-        setting, post, before.map_all, after.map_all, before.map_k, after.map_k,
-        (before.map_all - after.map_all) / before.map_all, _anti_retrieval(d_after, *labels),
-        float((codes_clean != codes_prot).float().mean()), psnr(protected, original),
-        ssim(protected, original), float((protected - original).abs().max()))
+    """Retrieval of ``sets`` by ``model`` before and after ``protect`` (then ``post``); one
+    call of an ``Evaluator`` (use one directly to measure several protections)."""
+    return Evaluator(model, sets)(protect, setting, post)
 
 
 def transfer_matrix(protections: dict[str, Protect], models: dict[str, torch.nn.Module],
                     sets: RetrievalSets, setting: str = "query", post: str = "none") -> np.ndarray:
     """Relative mAP drop, rows = protections (e.g. made on each surrogate), columns = models."""
-    return np.array([[evaluate_protection(m, p, sets, setting, post).rel_drop for m in models.values()]
-                     for p in protections.values()])
+    evaluators = [Evaluator(m, sets) for m in models.values()]
+    return np.array([[ev(p, setting, post).rel_drop for ev in evaluators] for p in protections.values()])
 
 
 def robustness_curve(model: torch.nn.Module, protect: Protect, sets: RetrievalSets,
@@ -130,7 +149,8 @@ def robustness_curve(model: torch.nn.Module, protect: Protect, sets: RetrievalSe
                                              "resize:0.75", "resize:0.5"),
                      setting: str = "query") -> list[ProtectionResult]:
     """The protection's effect after each real post-processing in ``posts``."""
-    return [evaluate_protection(model, protect, sets, setting, p) for p in posts]
+    ev = Evaluator(model, sets)
+    return [ev(protect, setting, p) for p in posts]
 
 
 @torch.no_grad()
