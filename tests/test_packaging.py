@@ -41,8 +41,8 @@ def test_public_api_names_exist():
 
 def test_every_toap_kit_name_the_notebooks_use_exists():
     """Notebooks call only the public API: every ``toap_kit.x`` / ``module.x`` they use exists."""
-    mods = {m: getattr(toap_kit, m) for m in ("data", "hashing", "models", "postprocess", "retrieval",
-                                               "teacher", "zoo", "plots")}
+    mods = {m: getattr(toap_kit, m) for m in ("attacks", "cg", "data", "evaluate", "hashing", "models",
+                                               "postprocess", "retrieval", "teacher", "zoo", "plots")}
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = json.loads(nb.read_text())["cells"]
         src = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
