@@ -11,6 +11,7 @@ Which module does what (one room per concept):
 - ``retrieval``   Hamming distance, ranking (ties by database index), mAP, P@k, PR, FAISS.
 - ``attacks``     per-image PGD on hash codes and the universal perturbation (UAP) baseline.
 - ``perturbation`` ``Perturbation``: a universal delta + card, saved/loaded/applied.
+- ``store``       shipped tensors on disk: safetensors + JSON card with sha256, atomic writes.
 - ``evaluate``    protection in two threat settings, transfer matrix, robustness curve,
                   the variation pattern of pre-sign outputs under post-processing.
 - ``postprocess`` real post-processing through real codecs (Pillow/OpenCV JPEG, WebP, resize,
@@ -23,7 +24,8 @@ Which module does what (one room per concept):
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import attacks, cg, data, diffproc, evaluate, hashing, models, perturbation, plots, postprocess, retrieval, teacher, zoo
+from . import (attacks, cg, data, diffproc, evaluate, hashing, models, perturbation, plots, postprocess, retrieval,
+               store, teacher, zoo)
 from .config import Config, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
@@ -38,6 +40,6 @@ __all__ = [
     "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TrainConfig",
     "attacks", "build_model", "cg", "data", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "perturbation",
-    "plots", "postprocess", "pr_curve", "retrieval", "retrieval_sets", "seed_everything", "setup", "teacher",
+    "plots", "postprocess", "pr_curve", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
     "train_hash_model", "zoo",
 ]

@@ -16,12 +16,12 @@ import time
 import numpy as np
 import torch
 
-from . import attacks, evaluate, postprocess, retrieval, teacher, zoo
+from . import attacks, cg, evaluate, postprocess, retrieval, teacher, zoo
 from .data import load_faceset, make_protocol, retrieval_sets
 from .hashing import ITQ
 from .perturbation import Perturbation
 
-__all__ = ["bench_attacks", "bench_index", "bench_models", "bench_retrieval", "bench_teacher", "main"]
+__all__ = ["bench_attacks", "bench_cg", "bench_index", "bench_models", "bench_retrieval", "bench_teacher", "main"]
 
 
 def _metrics(q_codes, db_codes, sets) -> retrieval.RetrievalResult:
@@ -177,16 +177,11 @@ def _print_attacks(r: dict) -> None:
               + f" | {row[0]['psnr']:.1f} | {row[0]['ssim']:.3f} |")
 
 
-BENCHES = {"retrieval": (bench_retrieval, _print_retrieval), "attacks": (bench_attacks, _print_attacks)}
-
-
 def bench_cg(n_faces: int = 300) -> dict:
     """Fidelity of the shipped Compression Generator to the real codecs on ``n_faces``
     held-out faces (evaluation identities, 112x112), per JPEG quality 50..95 (Pillow, 4:2:0)
     and per platform profile: PSNR of CG(x), kornia's differentiable JPEG and x itself to
     real(x), and the share of hash bits (mean over every zoo model) that agree with real(x)."""
-    from . import cg
-
     torch.set_grad_enabled(False)
     model = cg.load()
     x = cg.heldout_faces(112, n_faces)
@@ -208,7 +203,8 @@ def _print_cg(r: dict) -> None:
                                 f"{m[c]:.4f}" if isinstance(m[c], float) else str(m[c]) for c in cols) + " |")
 
 
-BENCHES["cg"] = (bench_cg, _print_cg)
+BENCHES = {"retrieval": (bench_retrieval, _print_retrieval), "attacks": (bench_attacks, _print_attacks),
+           "cg": (bench_cg, _print_cg)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -37,11 +38,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import diffproc, postprocess
-from .data import DATA_DIR, sha256_file
+from .data import DATA_DIR, load_faceset, make_protocol
+from .store import load_checked, save_with_card
 
 __all__ = ["BENCH_SETTINGS", "CG_DIR", "CGTrainConfig", "CompressionGenerator", "GlobalBranch", "LocalBranch",
            "build", "calibrate_local", "card", "condition_of", "fidelity", "finetune_to_remove", "heldout_faces",
@@ -96,21 +97,8 @@ def _unblocks(b: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def _as_quality(x: torch.Tensor, quality: float | torch.Tensor) -> torch.Tensor:
-    q = torch.as_tensor(quality, dtype=x.dtype, device=x.device).reshape(-1)
-    if q.numel() == 1:
-        q = q.expand(len(x))
-    if q.numel() != len(x):
-        raise ValueError(f"quality needs 1 or N={len(x)} values, got {q.numel()}")
-    if bool(((q < 1) | (q > 100)).any()):
-        raise ValueError(f"JPEG quality must be in 1..100, got {q.tolist()}")
-    return q
-
-
-def _as_chroma(chroma: str) -> str:
-    chroma = str(chroma).replace(":", "")
-    if chroma not in CHROMAS:
-        raise ValueError(f"chroma must be one of {CHROMAS}, got {chroma!r}")
-    return chroma
+    """One quality per image (``N``), checked by ``diffproc``."""
+    return diffproc.quality_tensor(x, quality).expand(len(x))
 
 
 class LocalBranch(nn.Module):
@@ -129,15 +117,15 @@ class LocalBranch(nn.Module):
         # log-corrections of the tables: per chroma mode (444, 422, 420) x anchor quality
         self.log_qt_y = nn.Parameter(torch.zeros(len(CHROMAS), self.ANCHORS, 8, 8))
         self.log_qt_c = nn.Parameter(torch.zeros(len(CHROMAS), self.ANCHORS, 8, 8))
-        # 1 = kornia's cubic rounding r + (v - r)^3 (forward and gradient), 0 = hard round with an
-        # identity gradient, up to 4 = softer than kornia's (forward and gradient), 0 = hard round, identity gradient
+        # rounding: 0 = hard round with an identity gradient, 1 = kornia's cubic rounding
+        # r + (v - r)^3 (forward and gradient), up to 4 = softer than kornia's
         self.soft_mix = nn.Parameter(torch.ones(()))
         # chroma down-sampling: 0 = kornia's antialiased bilinear, 1 = libjpeg's 2x2 box average
         self.chroma_box = nn.Parameter(torch.zeros(()))
 
     def tables(self, quality: torch.Tensor, chroma: str = "420") -> tuple[torch.Tensor, torch.Tensor]:
         """Luma and chroma quantisation tables for each quality (``N`` -> ``N x 8 x 8`` each)."""
-        k = CHROMAS.index(_as_chroma(chroma))
+        k = CHROMAS.index(postprocess._chroma(chroma))
         pos = (quality / 100 * (self.ANCHORS - 1)).clamp(0, self.ANCHORS - 1)
         lo = pos.floor().long().clamp(max=self.ANCHORS - 2)
         w = (pos - lo.to(pos))[:, None, None]
@@ -162,7 +150,7 @@ class LocalBranch(nn.Module):
 
     def forward(self, x: torch.Tensor, quality: float | torch.Tensor, chroma: str = "420") -> torch.Tensor:
         postprocess._check(x)
-        q, chroma = _as_quality(x, quality), _as_chroma(chroma)
+        q, chroma = _as_quality(x, quality), postprocess._chroma(chroma)
         h, w = x.shape[-2:]
         ph, pw = (-h) % 16, (-w) % 16
         xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
@@ -242,7 +230,7 @@ class CompressionGenerator(nn.Module):
     def forward(self, x: torch.Tensor, quality: float | torch.Tensor = 75, chroma: str = "420",
                 scale: float = 1.0) -> torch.Tensor:
         postprocess._check(x)
-        q, chroma = _as_quality(x, quality), _as_chroma(chroma)
+        q, chroma = _as_quality(x, quality), postprocess._chroma(chroma)
         if scale != 1.0:
             x = diffproc.resize(x, scale)
         z = self.local(x, q, chroma)
@@ -468,18 +456,8 @@ def finetune_to_remove(cg: CompressionGenerator, models: Sequence[nn.Module], x:
 
 # ---------------------------------------------------------------- shipping
 def save(cg: CompressionGenerator, info: dict, name: str = "cg", folder: Path = CG_DIR) -> Path:
-    """Write ``cg`` as safetensors + JSON card (atomically: temp file, then rename)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / f"{name}.safetensors"
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in cg.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
-    c = {"name": name, "config": cg.config(), **info, "sha256": sha256_file(weights)}
-    tmp_card = folder / f"{name}.json.tmp"
-    tmp_card.write_text(json.dumps(c, indent=1))
-    tmp_card.replace(folder / f"{name}.json")
-    return weights
+    """Write ``cg`` as safetensors + JSON card (atomically, see ``toap_kit.store``)."""
+    return save_with_card(cg.state_dict(), {"name": name, "config": cg.config(), **info}, folder, name)[0]
 
 
 def card(name: str = "cg", folder: Path = CG_DIR) -> dict:
@@ -493,11 +471,8 @@ def card(name: str = "cg", folder: Path = CG_DIR) -> dict:
 def load(name: str = "cg", folder: Path = CG_DIR) -> CompressionGenerator:
     """The shipped pre-trained CG in eval mode, its weights checked against the card's sha256."""
     c = card(name, folder)
-    weights = Path(folder) / f"{name}.safetensors"
-    if sha256_file(weights) != c["sha256"]:
-        raise ValueError(f"{weights} does not match the sha256 in its card: refusing to load")
     cg = CompressionGenerator(**c["config"])
-    cg.load_state_dict(load_file(str(weights)))
+    cg.load_state_dict(load_checked(Path(folder) / f"{name}.safetensors", c["sha256"]))
     return cg.eval()
 
 
@@ -542,8 +517,6 @@ def measure_fidelity(cg: CompressionGenerator, x: torch.Tensor, settings: Sequen
 def heldout_faces(size: int = 112, n: int = 300) -> torch.Tensor:
     """``n`` faces of the open-set protocol's *evaluation* identities (queries and database,
     evenly spaced), never seen by the CG's pre-training: ``n x 3 x size x size`` in [0, 1]."""
-    from .data import load_faceset, make_protocol
-
     faces = load_faceset("lfw158", size)
     proto = make_protocol(faces)
     idx = sorted(proto.queries + proto.database_faces)
@@ -555,8 +528,6 @@ def heldout_faces(size: int = 112, n: int = 300) -> torch.Tensor:
 def training_faces(size: int = 112, distractors: int = 0) -> torch.Tensor:
     """The open-set protocol's training-identity faces (plus the first ``distractors``
     distractor faces): what the CG may be pre-trained on."""
-    from .data import load_faceset, make_protocol
-
     faces = load_faceset("lfw158", size)
     x = faces.images[make_protocol(faces).train]
     if distractors:
@@ -568,8 +539,6 @@ def build(force: bool = False, config: CGTrainConfig | None = None, folder: Path
           progress: bool = True) -> Path:
     """Pre-train the CG from scratch on the training faces (+ 1,000 distractors) and ship it
     as ``data/cg/cg.safetensors`` + ``cg.json`` (skipped if present unless ``force``)."""
-    import time
-
     weights = Path(folder) / "cg.safetensors"
     if weights.is_file() and (Path(folder) / "cg.json").is_file() and not force:
         log.info("%s exists, skipping", weights)

@@ -21,14 +21,15 @@ import torch
 
 from . import postprocess
 
-__all__ = ["apply", "blur", "jpeg", "noise", "resize"]
+__all__ = ["apply", "blur", "jpeg", "noise", "quality_tensor", "resize"]
 
 
 def _check(x: torch.Tensor) -> None:
     postprocess._check(x)
 
 
-def _quality_tensor(x: torch.Tensor, quality: float | torch.Tensor) -> torch.Tensor:
+def quality_tensor(x: torch.Tensor, quality: float | torch.Tensor) -> torch.Tensor:
+    """JPEG quality as a tensor of 1 or ``N`` values in 1..100 (``ValueError`` otherwise)."""
     q = torch.as_tensor(quality, dtype=x.dtype, device=x.device).reshape(-1)
     if q.numel() not in (1, len(x)):
         raise ValueError(f"quality needs 1 or N={len(x)} values, got {q.numel()}")
@@ -44,7 +45,7 @@ def jpeg(x: torch.Tensor, quality: float | torch.Tensor = 75) -> torch.Tensor:
     Shape: ``N x 3 x H x W`` in [0, 1] -> same.
     """
     _check(x)
-    q = _quality_tensor(x, quality)
+    q = quality_tensor(x, quality)
     return kornia.enhance.jpeg_codec_differentiable(x, q).clamp(0, 1)
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from .data import DATA_DIR, sha256_file
+from .data import DATA_DIR
+from .store import load_checked, save_with_card
 
 __all__ = ["PERTURBATION_DIR", "Perturbation"]
 
@@ -62,18 +62,10 @@ class Perturbation:
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the tensor file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensor_file = path.with_suffix(".safetensors")
-        tmp = tensor_file.with_name(tensor_file.name + ".tmp")
-        save_file({"delta": self.delta.contiguous()}, str(tmp))
-        tmp.replace(tensor_file)
+        base = Path(path).with_suffix("")
         card = {**self.card, "format_version": FORMAT_VERSION, "eps": self.eps,
-                "size": list(self.delta.shape[-2:]), "sha256": sha256_file(tensor_file)}
-        tmp_card = path.with_name(path.stem + ".json.tmp")
-        tmp_card.write_text(json.dumps(card, indent=1))
-        tmp_card.replace(path.with_suffix(".json"))
-        self.card = card
+                "size": list(self.delta.shape[-2:])}
+        tensor_file, self.card = save_with_card({"delta": self.delta}, card, base.parent, base.name)
         return tensor_file
 
     @classmethod
@@ -92,10 +84,7 @@ class Perturbation:
             shipped = sorted(p.stem for p in PERTURBATION_DIR.glob("*.json"))
             raise FileNotFoundError(f"no perturbation at {path} (shipped: {shipped})")
         card = json.loads(card_file.read_text())
-        if sha256_file(tensor_file) != card.get("sha256"):
-            raise ValueError(f"{tensor_file} does not match the sha256 in {card_file}: "
-                             "the file was changed or damaged, refusing to load it")
-        return cls(load_file(str(tensor_file))["delta"], card["eps"], card)
+        return cls(load_checked(tensor_file, card.get("sha256"))["delta"], card["eps"], card)
 
     def __repr__(self) -> str:
         return (f"Perturbation(method={self.card.get('method')!r}, eps={self.eps * 255:.1f}/255, "

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from .data import DATA_DIR, load_image
+
 __all__ = ["OPS", "OpSampler", "Profile", "StraightThrough", "apply", "blur", "calibrate_profiles", "crop",
            "from_pil", "jpeg", "jpeg_cv2", "median", "noise", "osn_sample", "parse", "profile", "profiles", "psnr", "resize",
            "resize_max", "straight_through", "to_pil", "webp"]
@@ -525,15 +527,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def osn_sample() -> dict[str, torch.Tensor]:
     """The real calibration point: ``{"original", "facebook", "weibo", "wechat"}`` as
     ``1 x 3 x 568 x 757`` [0, 1] tensors (see data/README.md)."""
-    from .data import DATA_DIR
-
     folder = DATA_DIR / "osn-samples"
-    out = {}
-    for name, fname in [("original", "test_01_original.tif"), ("facebook", "test_01_facebook.jpg"),
-                        ("weibo", "test_01_weibo.jpg"), ("wechat", "test_01_wechat.jpg")]:
-        with Image.open(folder / fname) as im:
-            out[name] = from_pil(im)[None]
-    return out
+    return {name: load_image(folder / fname)[None]
+            for name, fname in [("original", "test_01_original.tif"), ("facebook", "test_01_facebook.jpg"),
+                                ("weibo", "test_01_weibo.jpg"), ("wechat", "test_01_wechat.jpg")]}
 
 
 def calibrate_profiles() -> list[dict]:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from . import retrieval, teacher
-from .data import DATA_DIR, load_faceset, make_protocol, make_sets, retrieval_sets, sha256_file, split_queries
+from .data import DATA_DIR, load_faceset, make_protocol, make_sets, retrieval_sets, split_queries
 from .hashing import TrainConfig, make_objective, train_hash_model
 from .models import HashNet, build_model
+from .store import load_checked, save_with_card
 
 __all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "build_zoo", "card", "load", "names", "save",
            "surrogates", "victims"]
@@ -49,7 +49,7 @@ class ModelSpec:
 
 
 # Trained on 2 CPU cores: the last two victims got 12 epochs instead of 30 to fit the budget
-# (their cards record it); more epochs raise every model's mAP (see README, Results).
+# (their cards record it); validation mAP was still rising when training stopped (README, Results).
 ZOO_SPECS = [
     ModelSpec("vgg_dpsh_32", "vgg", "dpsh", 32, "surrogate"),
     ModelSpec("resnet_hashnet_32", "resnet", "hashnet", 32, "surrogate"),
@@ -88,28 +88,16 @@ def victims(folder: Path = ZOO_DIR) -> list[str]:
 def load(name: str, folder: Path = ZOO_DIR) -> HashNet:
     """Model ``name`` in eval mode, its weights checked against the card's sha256."""
     c = card(name, folder)
-    weights = folder / f"{name}.safetensors"
-    if sha256_file(weights) != c["sha256"]:
-        raise ValueError(f"{weights} does not match the sha256 in its card: refusing to load")
     model = HashNet(c["backbone"], c["bits"], c["input_size"], c["width"])
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(load_checked(folder / f"{name}.safetensors", c["sha256"]))
     return model.eval()
 
 
 def save(model: HashNet, info: dict, name: str, folder: Path = ZOO_DIR) -> Path:
-    """Write ``model`` as safetensors + JSON card (atomically: temp file, then rename)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / f"{name}.safetensors"
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
+    """Write ``model`` as safetensors + JSON card (atomically, see ``toap_kit.store``)."""
     c = {"name": name, "backbone": model.backbone_name, "bits": model.bits,
-         "input_size": model.input_size, "width": model.width, **info,
-         "sha256": sha256_file(weights)}
-    tmp_card = folder / f"{name}.json.tmp"
-    tmp_card.write_text(json.dumps(c, indent=1))
-    tmp_card.replace(folder / f"{name}.json")
-    return weights
+         "input_size": model.input_size, "width": model.width, **info}
+    return save_with_card(model.state_dict(), c, folder, name)[0]
 
 
 def _map(model: HashNet, sets) -> float:
