@@ -5,6 +5,8 @@ Which module does what (one room per concept):
 - ``config``      ``setup(seed)``: seeds, logging, and every size (fast mode via ``TOAP_FAST``).
 - ``data``        the shipped faces, user image folders, the open-set retrieval protocol.
 - ``teacher``     the real face recognizer (dlib ResNet): ceiling and distillation teacher.
+- ``recognizer``  the same recognizer ported to PyTorch (differentiable), and ``RecognizerHash``:
+                  a hash search engine on it, the zoo's real-recognizer victims.
 - ``models``      small hash CNNs (VGG-, ResNet-, MobileNet-style); pixels in [0, 1] in.
 - ``hashing``     hash objectives (DPSH, HashNet, CSQ), distillation, ITQ, the trainer.
 - ``zoo``         the shipped trained models: ``names()``, ``card(name)``, ``load(name)``.
@@ -24,8 +26,8 @@ Which module does what (one room per concept):
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import (attacks, cg, data, diffproc, evaluate, hashing, models, perturbation, plots, postprocess, retrieval,
-               store, teacher, zoo)
+from . import (attacks, cg, data, diffproc, evaluate, hashing, models, perturbation, plots, postprocess, recognizer,
+               retrieval, store, teacher, zoo)
 from .config import Config, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
@@ -40,6 +42,6 @@ __all__ = [
     "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TrainConfig",
     "attacks", "build_model", "cg", "data", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "perturbation",
-    "plots", "postprocess", "pr_curve", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
+    "plots", "postprocess", "pr_curve", "recognizer", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
     "train_hash_model", "zoo",
 ]

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BACKBONES", "HashNet", "build_model"]
+__all__ = ["BACKBONES", "CodesMixin", "HashNet", "build_model"]
 
 # Per-channel mean/std of the shipped face crops, RGB in [0, 1].
 FACE_MEAN = (0.54, 0.42, 0.35)
@@ -79,7 +79,24 @@ def mobilenet(width: int = 32) -> tuple[nn.Module, int]:
 BACKBONES = {"vgg": vgg, "resnet": resnet, "mobilenet": mobilenet}
 
 
-class HashNet(nn.Module):
+class CodesMixin:
+    """``encode`` for a module whose ``forward`` gives ``N x bits`` pre-sign outputs."""
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Hash codes in {-1, +1}, ``N x bits``, on the CPU, in eval mode (the mode is
+        restored); batches of ``x`` are moved to the model's device."""
+        was_training = self.training
+        self.eval()
+        dev = next(self.buffers()).device
+        try:
+            u = torch.cat([self(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
+        finally:
+            self.train(was_training)
+        return torch.where(u >= 0, 1.0, -1.0)
+
+
+class HashNet(CodesMixin, nn.Module):
     """Backbone + global pooling + hash layer.
 
     Args:
@@ -125,19 +142,6 @@ class HashNet(nn.Module):
         """``(u, e)``: pre-sign outputs and the auxiliary 128-D embedding (distillation)."""
         h = self.trunk(x)
         return self.hash(h), self.embed_head(h)
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Hash codes in {-1, +1}, ``N x bits``, on the CPU, in eval mode (the mode is
-        restored); batches of ``x`` are moved to the model's device."""
-        was_training = self.training
-        self.eval()
-        dev = self.mean.device
-        try:
-            u = torch.cat([self(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
-        finally:
-            self.train(was_training)
-        return torch.where(u >= 0, 1.0, -1.0)
 
 
 def build_model(backbone: str, bits: int, input_size: int = 48, width: int | None = None) -> HashNet:

