@@ -23,6 +23,16 @@ def test_search_shipped_query_marks_matches(engine):
         engine.query(10_000)
 
 
+def test_default_engine_finds_the_shipped_queries_people(engine):
+    # the demo opens on its best engine: before protection, it must find people
+    assert engine.default_model in engine.models
+    hits = []
+    for n in range(0, 60, 3):
+        image, name = engine.query(n)
+        hits.append(engine.search(image, engine.default_model, identity=name).correct[0])
+    assert sum(hits) >= 12, f"top-1 right for only {sum(hits)} of 20 queries"
+
+
 def test_upload_path_crops_and_searches(engine):
     photo = Image.open(DATA_DIR / "photos250" / "Bill_Clinton" / "01.jpg").convert("RGB")
     shown, gallery, summary = demo.search_upload(engine, photo, zoo.names()[0])

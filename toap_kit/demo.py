@@ -48,6 +48,8 @@ class Engine:
         self.models = zoo.names()
         if not self.models:
             raise FileNotFoundError("no models in data/zoo: run `make artifacts`")
+        # shown first: the engine that retrieves best on clean photos (a real one, like a deployed engine)
+        self.default_model = max(self.models, key=lambda n: zoo.card(n)["clean_map_all"]["open"])
 
     @lru_cache(maxsize=None)
     def _model_and_index(self, name: str) -> tuple[torch.nn.Module, retrieval.HammingIndex]:
@@ -131,7 +133,7 @@ def build_demo(engine: Engine | None = None):
                     f"{len(set(engine.query_names))} people no model was trained on, plus 2,000 "
                     "other people. Pick a face or upload one. Protection joins in a later release.")
         with gr.Row():
-            model_dd = gr.Dropdown(engine.models, value=engine.models[0], label="hash model")
+            model_dd = gr.Dropdown(engine.models, value=engine.default_model, label="hash model")
             query_no = gr.Number(value=0, precision=0, label="shipped query #", minimum=0,
                                  maximum=len(engine.query_names) - 1)
         with gr.Row():
