@@ -480,10 +480,11 @@ def load(name: str = "cg", folder: Path = CG_DIR) -> CompressionGenerator:
 BENCH_SETTINGS = tuple(f"jpeg:{q}" for q in range(50, 100, 5)) + ("facebook", "weibo", "wechat", "instagram", "twitter")
 
 
-def _agree(models: Sequence[nn.Module], a: torch.Tensor, b: torch.Tensor) -> float | None:
-    if not models:
+def _agree(codes: list[torch.Tensor], ref: list[torch.Tensor]) -> float | None:
+    """Share of equal bits between two lists of per-model codes, mean over the models."""
+    if not codes:
         return None
-    return float(np.mean([float((m.encode(a) == m.encode(b)).float().mean()) for m in models]))
+    return float(np.mean([float((a == b).float().mean()) for a, b in zip(codes, ref)]))
 
 
 @torch.no_grad()
@@ -498,18 +499,24 @@ def measure_fidelity(cg: CompressionGenerator, x: torch.Tensor, settings: Sequen
     """
     was = cg.training
     cg.eval()
+
+    def codes(t: torch.Tensor) -> list[torch.Tensor]:
+        return [m.encode(t) for m in models]
+
+    x_codes = codes(x)
     rows = []
     for spec in settings:
         real = postprocess.apply(x, spec)
         sim = torch.cat([cg.simulate(x[i:i + batch_size], spec) for i in range(0, len(x), batch_size)])
         dj = diffproc.apply(x, spec)
+        real_codes = codes(real)
         rows.append({"setting": spec,
                      "psnr_cg": float(postprocess.psnr(sim, real).mean()),
                      "psnr_diffjpeg": float(postprocess.psnr(dj, real).mean()),
                      "psnr_identity": float(postprocess.psnr(x, real).clamp(max=100).mean()),
-                     "bits_agree_cg": _agree(models, sim, real),
-                     "bits_agree_diffjpeg": _agree(models, dj, real),
-                     "bits_agree_identity": _agree(models, x, real)})
+                     "bits_agree_cg": _agree(codes(sim), real_codes),
+                     "bits_agree_diffjpeg": _agree(codes(dj), real_codes),
+                     "bits_agree_identity": _agree(x_codes, real_codes)})
     cg.train(was)
     return rows
 
