@@ -30,7 +30,7 @@ lab: install  ## JupyterLab on the notebooks
 artifacts: install  ## retrain everything the repo ships, from scratch, one seed (hours on 2 cores)
 	$(BIN)/python -m toap_kit.artifacts all --force
 
-bench: install  ## the README's benchmark tables (about 20 min on 2 CPU cores)
+bench: install  ## the README's benchmark tables (about 40 min on 2 CPU cores)
 	$(BIN)/python -m toap_kit.bench retrieval
 	$(BIN)/python -m toap_kit.bench attacks
 	$(BIN)/python -m toap_kit.bench cg
