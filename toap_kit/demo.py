@@ -8,6 +8,7 @@ model, and see the top 10 with Hamming distances, right and wrong matches marked
 The search functions are plain Python (``Engine.search``) so they can be tested without a
 browser; ``build_demo()`` only wires them to widgets.
 """
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,6 +22,8 @@ from .postprocess import from_pil, to_pil
 __all__ = ["Engine", "SearchResult", "build_demo", "search_shipped", "search_upload"]
 
 DISPLAY = 112  # side of the images the demo keeps and shows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +116,8 @@ def build_demo(engine: Engine | None = None):
     import gradio as gr
 
     engine = engine or Engine()
+    log.info("encoding the database with %s (the page's first search then answers at once)", engine.default_model)
+    engine._model_and_index(engine.default_model)
     thumbs = [(to_pil(engine.sets.query_images[i]), engine.query_names[i].replace("_", " "))
               for i in range(len(engine.query_names))]
 
@@ -128,8 +133,9 @@ def build_demo(engine: Engine | None = None):
         return evt.index
 
     with gr.Blocks(title="toap-kit: deep-hash face search") as demo:
-        gr.Markdown("# Deep-hash face search\nA face search engine built on a small hash CNN "
-                    "(Hamming distance between binary codes). Its database holds photos of "
+        gr.Markdown("# Deep-hash face search\nA face search engine on binary hash codes (Hamming "
+                    "distance): a real face recognizer with a hash layer (`dlib_itq_*`) or a small "
+                    "hash CNN. Its database holds photos of "
                     f"{len(set(engine.query_names))} people no model was trained on, plus 2,000 "
                     "other people. Pick a face or upload one. Protection joins in a later release.")
         with gr.Row():
