@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BACKBONES", "CodesMixin", "HashNet", "build_model"]
+__all__ = ["BACKBONES", "CodesMixin", "HashNet", "build_model", "check_pixels"]
 
 # Per-channel mean/std of the shipped face crops, RGB in [0, 1].
 FACE_MEAN = (0.54, 0.42, 0.35)
@@ -79,6 +79,15 @@ def mobilenet(width: int = 32) -> tuple[nn.Module, int]:
 BACKBONES = {"vgg": vgg, "resnet": resnet, "mobilenet": mobilenet}
 
 
+def check_pixels(x: torch.Tensor) -> None:
+    """``ValueError`` unless ``x`` is ``N x 3 x H x W`` with ``H, W >= 32`` (what every hash
+    engine accepts)."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected N x 3 x H x W pixels, got shape {tuple(x.shape)}")
+    if min(x.shape[-2:]) < 32:
+        raise ValueError(f"images must be at least 32x32, got {tuple(x.shape[-2:])}")
+
+
 class CodesMixin:
     """``encode`` for a module whose ``forward`` gives ``N x bits`` pre-sign outputs."""
 
@@ -119,15 +128,9 @@ class HashNet(CodesMixin, nn.Module):
         self.register_buffer("mean", torch.tensor(FACE_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(FACE_STD).view(1, 3, 1, 1))
 
-    def _check(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected N x 3 x H x W pixels, got shape {tuple(x.shape)}")
-        if min(x.shape[-2:]) < 32:
-            raise ValueError(f"images must be at least 32x32, got {tuple(x.shape[-2:])}")
-
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``N x D`` of [0, 1] pixels."""
-        self._check(x)
+        check_pixels(x)
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               align_corners=False, antialias=True)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hashing import ITQ
-from .models import CodesMixin
+from .models import CodesMixin, check_pixels
 from .teacher import DLIB_WEIGHTS, model_dir
 
 __all__ = ["DlibResNet", "RecognizerHash", "face_chip", "load_dlib_resnet", "read_dlib_params"]
@@ -209,8 +209,7 @@ class RecognizerHash(CodesMixin, nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The recognizer's 128-D descriptors of ``N x 3 x H x W`` [0, 1] face crops."""
-        if x.ndim != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < 32:
-            raise ValueError(f"expected N x 3 x H x W pixels with H, W >= 32, got shape {tuple(x.shape)}")
+        check_pixels(x)
         return self.net(face_chip(x, self.chip_box))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

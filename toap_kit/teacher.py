@@ -13,6 +13,7 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -78,13 +79,20 @@ class Recognizer:
 
     def embed(self, images: torch.Tensor, progress: bool = True) -> np.ndarray:
         """Descriptors ``N x 128`` of ``N x 3 x H x W`` images in [0, 1]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be N x 3 x H x W, got {tuple(images.shape)}")
-        arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        out = np.empty((len(arr), 128), np.float32)
-        for i in tqdm(range(len(arr)), desc="teacher", disable=not progress):
-            out[i] = self.embed_one(np.ascontiguousarray(arr[i]))
-        return out
+        return np.array([self.embed_one(a) for a in _uint8_crops(images, "teacher", progress)], np.float32).reshape(-1, 128)
+
+    def chip_boxes(self, images: torch.Tensor, progress: bool = True) -> np.ndarray:
+        """``chip_box`` of each of ``N x 3 x H x W`` images in [0, 1]: ``N x 4``."""
+        return np.array([self.chip_box(a) for a in _uint8_crops(images, "chip boxes", progress)]).reshape(-1, 4)
+
+
+def _uint8_crops(images: torch.Tensor, desc: str, progress: bool) -> Iterator[np.ndarray]:
+    """``H x W x 3`` uint8 RGB arrays (what dlib takes) of ``N x 3 x H x W`` [0, 1] images."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be N x 3 x H x W, got {tuple(images.shape)}")
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for a in tqdm(arr, desc=desc, disable=not progress):
+        yield np.ascontiguousarray(a)
 
 
 def save_embeddings(name: str, paths: list[str], emb: np.ndarray, folder: Path = TEACHER_DIR) -> Path:

@@ -174,9 +174,7 @@ def fit_recognizer(spec: ModelSpec, seed: int = 0, progress: bool = True) -> tup
     distractors = load_faceset("distractors", spec.input_size)
     proto = make_protocol(faces, len(distractors))
     train = faces.images[proto.train]
-    arr = (train * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    rec = teacher.Recognizer()
-    box = np.mean([rec.chip_box(np.ascontiguousarray(a)) for a in arr], axis=0).round(4)
+    box = teacher.Recognizer().chip_boxes(train, progress).mean(0).round(4)
     model = RecognizerHash(spec.bits, box, spec.input_size)
     fit_on = torch.cat([train, distractors.images])
     with torch.no_grad():
