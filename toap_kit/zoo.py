@@ -28,14 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import retrieval, teacher
-from .data import DATA_DIR, load_faceset, make_protocol, make_sets, retrieval_sets, sha256_file, split_queries
+from .data import (DATA_DIR, RetrievalSets, load_faceset, make_protocol, make_sets, retrieval_sets, sha256_file,
+                   split_queries)
 from .hashing import TrainConfig, make_objective, train_hash_model
 from .models import HashNet, build_model
 from .recognizer import RecognizerHash
 from .store import load_checked, save_with_card
 
-__all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "build_zoo", "card", "fit_recognizer", "load", "names", "save",
-           "surrogates", "victims"]
+__all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "TrainingFaces", "build_zoo", "card", "clean_map", "fit_recognizer",
+           "load", "names", "protocol_sets", "save", "surrogates", "training_faces", "victims"]
 
 log = logging.getLogger(__name__)
 ZOO_DIR = DATA_DIR / "zoo"
@@ -122,47 +123,74 @@ def save(model: HashNet | RecognizerHash, info: dict, name: str, folder: Path = 
     return save_with_card(model.state_dict(), {**c, "width": model.width, **info}, folder, name)[0]
 
 
-def _map(model: HashNet | RecognizerHash, sets) -> float:
+def clean_map(model: HashNet | RecognizerHash, sets: RetrievalSets) -> float:
+    """mAP@all of ``model``'s hash codes on ``sets`` (ties by database index)."""
     q, d = model.encode(sets.query_images), model.encode(sets.db_images)
     return retrieval.mean_average_precision(retrieval.hamming_distance(q, d), sets.query_labels, sets.db_labels)
 
 
-def train_one(spec: ModelSpec, config: TrainConfig, progress: bool = True) -> tuple[HashNet, dict]:
-    """Train one zoo model on the open-set protocol's training faces (see ``build_zoo``)."""
-    faces = load_faceset("lfw158", spec.input_size)
-    distractors = load_faceset("distractors", spec.input_size)
+@dataclass
+class TrainingFaces:
+    """What a zoo student may learn from (open-set protocol, seed 0), at one input size."""
+
+    images: torch.Tensor  # N x 3 x S x S in [0, 1]: labelled training faces, then the distractors
+    labels: torch.Tensor  # N identity labels, -1 for the (unlabelled) distractors
+    teacher: torch.Tensor  # N x 128 cached teacher embeddings, centred
+    val: RetrievalSets  # held-out training identities, for early stopping only
+    val_names: list[str]
+    n_identities: int  # training identities whose labels are used
+    n_classes: int  # size of the label space (all of lfw158)
+
+
+def training_faces(size: int) -> TrainingFaces:
+    """The open-set protocol's training faces and the distractors at ``size x size``, with
+    their cached teacher embeddings; ``N_VAL_IDENTITIES`` training identities are held out
+    (their first 3 images query their others + 500 distractors) to validate on."""
+    faces = load_faceset("lfw158", size)
+    distractors = load_faceset("distractors", size)
     proto = make_protocol(faces, len(distractors))
     t_faces, t_paths = teacher.load_embeddings("lfw158")
     t_dis, d_paths = teacher.load_embeddings("distractors")
     if t_paths != faces.paths or d_paths != distractors.paths:
         raise ValueError("cached teacher embeddings do not match the shipped images; run `make artifacts`")
-    # hold N_VAL_IDENTITIES training identities out, for early stopping only
-    val_names = set(proto.train_identities[::len(proto.train_identities) // N_VAL_IDENTITIES][:N_VAL_IDENTITIES])
+    val_names = sorted(proto.train_identities[::len(proto.train_identities) // N_VAL_IDENTITIES][:N_VAL_IDENTITIES])
     val_ids = {faces.identities.index(n) for n in val_names}
     train_idx = [i for i in proto.train if int(faces.labels[i]) not in val_ids]
-    images = torch.cat([faces.images[train_idx], distractors.images])
-    labels = torch.cat([faces.labels[train_idx], torch.full((len(distractors),), -1)])
     t = np.concatenate([t_faces[train_idx], t_dis])
-    t = torch.from_numpy(t - t.mean(0))
-    # validation: the held-out identities' first 3 images query their others + 500 distractors
-    val = make_sets(faces, distractors, *split_queries(faces, sorted(val_ids)), n_distractors=500)
-    n_classes = len(faces.identities)
+    return TrainingFaces(images=torch.cat([faces.images[train_idx], distractors.images]),
+                         labels=torch.cat([faces.labels[train_idx], torch.full((len(distractors),), -1)]),
+                         teacher=torch.from_numpy(t - t.mean(0)),
+                         val=make_sets(faces, distractors, *split_queries(faces, sorted(val_ids)), n_distractors=500),
+                         val_names=val_names, n_identities=len(proto.train_identities) - len(val_ids),
+                         n_classes=len(faces.identities))
+
+
+def protocol_sets(size: int) -> dict[str, RetrievalSets]:
+    """The open-set protocol's retrieval sets and its closed-set variant, at ``size x size``."""
+    faces = load_faceset("lfw158", size)
+    distractors = load_faceset("distractors", size)
+    return {kind: retrieval_sets(make_protocol(faces, len(distractors), kind=kind), faces, distractors)
+            for kind in ("open", "closed")}
+
+
+def train_one(spec: ModelSpec, config: TrainConfig, progress: bool = True) -> tuple[HashNet, dict]:
+    """Train one zoo model on ``training_faces`` (see ``build_zoo``)."""
+    data = training_faces(spec.input_size)
     torch.manual_seed(config.seed)
     model = build_model(spec.backbone, spec.bits, spec.input_size)
-    objective = make_objective(spec.objective, spec.bits, n_classes)
-    history = train_hash_model(model, images, labels, t, objective, config,
-                               validate=lambda m: _map(m, val), progress=progress)
-    sets = retrieval_sets(proto, faces, distractors)
-    closed = retrieval_sets(make_protocol(faces, len(distractors), kind="closed"), faces, distractors)
+    objective = make_objective(spec.objective, spec.bits, data.n_classes)
+    history = train_hash_model(model, data.images, data.labels, data.teacher, objective, config,
+                               validate=lambda m: clean_map(m, data.val), progress=progress)
+    sets = protocol_sets(spec.input_size)
     info = {"role": spec.role, "objective": spec.objective,
-            "training_data": {"protocol": "open-set, seed 0", "labelled_images": len(train_idx),
-                              "training_identities": len(proto.train_identities) - len(val_ids),
-                              "validation_identities": sorted(val_names),
-                              "unlabelled_distractors_for_distillation": len(distractors),
+            "training_data": {"protocol": "open-set, seed 0", "labelled_images": int((data.labels >= 0).sum()),
+                              "training_identities": data.n_identities,
+                              "validation_identities": data.val_names,
+                              "unlabelled_distractors_for_distillation": int((data.labels < 0).sum()),
                               "teacher": "dlib_face_recognition_resnet_model_v1"},
             "train_config": asdict(config), "seed": config.seed,
             "epochs_run": len(history), "best_val_map": max(r["val"] for r in history),
-            "clean_map_all": {"open": round(_map(model, sets), 4), "closed": round(_map(model, closed), 4)}}
+            "clean_map_all": {k: round(clean_map(model, s), 4) for k, s in sets.items()}}
     return model, info
 
 
@@ -181,15 +209,13 @@ def fit_recognizer(spec: ModelSpec, seed: int = 0, progress: bool = True) -> tup
         desc = torch.cat([model.embed(fit_on[i:i + 128]) for i in
                           tqdm(range(0, len(fit_on), 128), desc="descriptors", disable=not progress)])
     model.fit_itq(desc, seed=seed)
-    closed = retrieval_sets(make_protocol(faces, len(distractors), kind="closed"), faces, distractors)
     net_file = teacher.model_dir() / teacher.DLIB_WEIGHTS
     info = {"role": spec.role, "objective": spec.objective, "seed": seed,
             "network": {"file": teacher.DLIB_WEIGHTS, "package": "face-recognition-models", "sha256": sha256_file(net_file),
                         "pretrained": "by D. King on about 3 million faces; 99.38% on LFW by its author"},
             "training_data": {"protocol": "open-set, seed 0", "chip_box": f"mean over {len(train)} training faces",
                               "itq_fitted_on": f"{len(train)} training faces + {len(distractors)} distractors"},
-            "clean_map_all": {"open": round(_map(model, retrieval_sets(proto, faces, distractors)), 4),
-                              "closed": round(_map(model, closed), 4)}}
+            "clean_map_all": {k: round(clean_map(model, s), 4) for k, s in protocol_sets(spec.input_size).items()}}
     return model, info
 
 
