@@ -77,3 +77,34 @@ def test_zoo_save_load_round_trip(tmp_path):
     x = torch.rand(3, 3, 32, 32)
     assert torch.equal(back.encode(x), m.encode(x))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_training_faces_hold_out_validation_and_evaluation_people():
+    d = zoo.training_faces(32)
+    faces = data.load_faceset("lfw158", 32)
+    proto = data.make_protocol(faces)
+    seen = {faces.identities[i] for i in d.labels[d.labels >= 0].unique().tolist()}
+    assert len(seen) == d.n_identities == len(proto.train_identities) - len(d.val_names)
+    assert not seen & set(proto.eval_identities) and not seen & set(d.val_names)
+    assert {faces.identities[i] for i in d.val.query_labels.unique().tolist()} == set(d.val_names)
+    assert int((d.labels == -1).sum()) == 2000 and len(d.images) == len(d.labels) == len(d.teacher)
+    assert d.teacher.mean(0).abs().max() < 1e-5  # centred
+
+
+def test_clean_map_reproduces_the_card():
+    sets = zoo.protocol_sets(48)
+    name = "vgg_dpsh_32"
+    got = {k: round(zoo.clean_map(zoo.load(name), s), 4) for k, s in sets.items()}
+    assert got == zoo.card(name)["clean_map_all"]
+
+
+def test_student_views_experiment_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "docs" / "experiments" / "student_views.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout
+    rows = [line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| shipped") or line.startswith("| +")]
+    assert len(rows) == 2 and all(0 <= float(v) <= 1 for r in rows for v in r)
