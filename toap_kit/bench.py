@@ -38,10 +38,8 @@ def bench_models() -> list[dict]:
         c = zoo.card(name)
         s = c["input_size"]
         if s not in cache:
-            faces, dis = load_faceset("lfw158", s), load_faceset("distractors", s)
-            cache[s] = (retrieval_sets(make_protocol(faces, len(dis)), faces, dis),
-                        retrieval_sets(make_protocol(faces, len(dis), kind="closed"), faces, dis))
-        open_sets, closed_sets = cache[s]
+            cache[s] = zoo.protocol_sets(s)
+        open_sets, closed_sets = cache[s]["open"], cache[s]["closed"]
         model = zoo.load(name)
         db = model.encode(open_sets.db_images)
         clean = _metrics(model.encode(open_sets.query_images), db, open_sets)
