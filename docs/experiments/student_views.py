@@ -34,10 +34,11 @@ from toap_kit.models import build_model
 TEACHER_SIZE = 112  # the kit's face crops; the teacher cuts its chip from them
 
 
-def random_views(x: torch.Tensor, gen: torch.Generator, mix: float = 0.2) -> torch.Tensor:
-    """Random views of ``N x 3 x S x S`` [0, 1] faces: rotation (+-12 deg), scale (0.9-1.1),
-    shift (+-3%), flip, saturation / brightness / contrast jitter, 10% grey, and a share ``mix``
-    blended with another face of the batch (weight 0.3-0.7)."""
+def random_views(x: torch.Tensor, gen: torch.Generator, mix: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(views, blended)``: random views of ``N x 3 x S x S`` [0, 1] faces (rotation +-12 deg,
+    scale 0.9-1.1, shift +-3%, flip, saturation / brightness / contrast jitter, 10% grey), a
+    share ``mix`` of them blended with another face of the batch (weight 0.3-0.7), and the
+    ``N`` boolean mask of those."""
     n = len(x)
 
     def u(*shape: int) -> torch.Tensor:  # uniform in [-1, 1]
@@ -99,7 +100,8 @@ def scores(model, sets: dict, itq: ITQ) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="vgg_dpsh_32", help="zoo spec to retrain (a small CNN)")
+    ap.add_argument("--model", default="vgg_dpsh_32", choices=[s.name for s in zoo.ZOO_SPECS if s.epochs],
+                    help="zoo spec to retrain (a small CNN)")
     ap.add_argument("--views", type=int, default=12, help="random views per face, besides the face itself")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
