@@ -9,7 +9,7 @@ target of each view is computed on that view by the torch port of dlib's network
 (``toap_kit.recognizer``, through the ``dlib_itq_64`` engine's fixed chip). One student is
 trained on them with the zoo's own trainer and compared with the shipped model of its spec.
 
-    python docs/experiments/student_views.py           # about 20 min on 2 CPU cores
+    python docs/experiments/student_views.py           # about 22 min on 2 CPU cores
     python docs/experiments/student_views.py --smoke   # under a minute: only checks that it runs
 
 It prints, for both models, open- and closed-set mAP@all of the hash codes, of the distilled
