@@ -10,7 +10,7 @@ Which module does what (one room per concept):
 - ``models``      small hash CNNs (VGG-, ResNet-, MobileNet-style); pixels in [0, 1] in.
 - ``hashing``     hash objectives (DPSH, HashNet, CSQ), distillation, ITQ, the trainer.
 - ``zoo``         the shipped trained models: ``names()``, ``card(name)``, ``load(name)``.
-- ``retrieval``   Hamming distance, ranking (ties by database index), mAP, P@k, PR, FAISS.
+- ``retrieval``   Hamming distance, ranking, tie-aware mAP, P@k, PR, FAISS.
 - ``attacks``     per-image PGD on hash codes and the universal perturbation (UAP) baseline.
 - ``perturbation`` ``Perturbation``: a universal delta + card, saved/loaded/applied.
 - ``store``       shipped tensors on disk: safetensors + JSON card with sha256, atomic writes.
