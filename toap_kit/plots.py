@@ -1,4 +1,5 @@
-"""Figures: face grids, retrieval galleries, PR curves (matplotlib; returns the Figure)."""
+"""Figures: face grids, retrieval galleries, PR curves, distance histograms, perturbations
+(matplotlib; each returns the Figure)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["face_grid", "pr_figure", "retrieval_gallery"]
+__all__ = ["face_grid", "hamming_histogram", "perturbation_figure", "pr_figure", "retrieval_gallery"]
 
 
 def _hwc(img: torch.Tensor) -> np.ndarray:
@@ -65,5 +66,49 @@ def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def hamming_histogram(dist, same, bits: int | None = None, title: str = "") -> plt.Figure:
+    """Histogram of distances ``dist`` (any shape) split by the boolean ``same`` (same shape):
+    pairs of the same person against pairs of different people, each normalised to 1."""
+    dist, same = np.asarray(dist).ravel(), np.asarray(same, bool).ravel()
+    if dist.shape != same.shape:
+        raise ValueError(f"dist and same must have the same number of entries, got {dist.size} and {same.size}")
+    top = bits if bits is not None else int(np.ceil(dist.max()))
+    bins = np.arange(-0.5, top + 1.5)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for mask, label, color in ((same, "same person", "tab:green"), (~same, "different people", "tab:red")):
+        if mask.any():
+            ax.hist(dist[mask], bins=bins, density=True, alpha=0.55, color=color, label=f"{label} ({mask.sum()} pairs)")
+    ax.set_xlabel("Hamming distance" if bits is not None else "distance")
+    ax.set_ylabel("share of pairs")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def perturbation_figure(delta: torch.Tensor, eps: float, face: torch.Tensor | None = None,
+                        size: float = 2.2) -> plt.Figure:
+    """A perturbation ``3 x H x W`` (pixel units, ``|delta| <= eps``) shown amplified to the full
+    range (``0.5 + delta / (2 eps)``: grey = 0); with ``face`` (``3 x H' x W'``, [0, 1]), also the
+    face and ``face + delta`` (delta resized bilinearly to the face if sizes differ)."""
+    if delta.ndim != 3 or delta.shape[0] != 3:
+        raise ValueError(f"delta must be 3 x H x W, got {tuple(delta.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    panels = [(0.5 + delta / (2 * eps), f"delta x {1 / (2 * eps):.0f} (grey = 0)")]
+    if face is not None:
+        d = delta if face.shape == delta.shape else torch.nn.functional.interpolate(
+            delta[None], size=tuple(face.shape[-2:]), mode="bilinear", align_corners=False)[0]
+        panels = [(face, "face")] + panels + [((face + d).clamp(0, 1), "face + delta")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * size, size + 0.3), squeeze=False)
+    for ax, (img, title) in zip(axes[0], panels):
+        ax.imshow(_hwc(img))
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
     fig.tight_layout()
     return fig
