@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: install demo test lab artifacts bench clean
+.PHONY: install demo test lab book artifacts bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: install  ## unit tests + the notebooks (nbval), in fast mode
 lab: install  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks
 
+book: install  ## execute every notebook at full size and render the course to book/index.html
+	$(BIN)/python docs/build_book.py --out book
+
 artifacts: install  ## retrain everything the repo ships, from scratch, one seed (hours on 2 cores)
 	$(BIN)/python -m toap_kit.artifacts all --force
 
@@ -36,4 +39,4 @@ bench: install  ## the README's benchmark tables (about 40 min on 2 CPU cores)
 	$(BIN)/python -m toap_kit.bench cg
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache book
