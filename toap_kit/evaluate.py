@@ -22,8 +22,8 @@ import torch
 from . import postprocess, retrieval
 from .data import RetrievalSets
 
-__all__ = ["Evaluator", "ProtectionResult", "evaluate_protection", "precomputed", "psnr", "robustness_curve", "ssim",
-           "transfer_matrix", "variation_pattern"]
+__all__ = ["VARIATION_POSTS", "Evaluator", "ProtectionResult", "evaluate_protection", "precomputed", "psnr", "robustness_curve", "ssim",
+           "transfer_matrix", "variation_pattern", "variation_table"]
 
 Protect = Callable[[torch.Tensor], torch.Tensor]
 
@@ -153,32 +153,28 @@ def robustness_curve(model: torch.nn.Module, protect: Protect, sets: RetrievalSe
     return [ev(protect, setting, p) for p in posts]
 
 
-@torch.no_grad()
-def variation_pattern(model: torch.nn.Module, clean: torch.Tensor, adversarial: torch.Tensor,
-                      post: str = "jpeg:75") -> dict:
-    """What real post-processing does to a hash model's pre-sign outputs ``u``.
+VARIATION_POSTS = ("none", "jpeg:90", "jpeg:75", "jpeg:50", "jpeg:30", "resize:0.75", "resize:0.5", "blur:1.0")
 
-    Args:
-        clean, adversarial: ``N x 3 x H x W`` [0, 1], the same faces without/with a perturbation.
-        post: a ``postprocess.apply`` spec.
 
-    Returns a dict of statistics:
-        ``abs_u_clean``, ``abs_u_clean_post``, ``abs_u_adv``, ``abs_u_adv_post``: mean |u|;
-        ``shrink_clean``, ``shrink_adv``: mean |u| after / before post-processing;
-        ``flipped``: share of bits the perturbation flipped (vs clean codes, no post);
-        ``flipped_post``: share still flipped after post-processing (vs clean codes after post);
-        ``flip_back``: share of the flipped bits that return to the clean code after post;
-        ``flip_back_per_bit``: the same per bit (list of length L; NaN where never flipped);
-        ``clean_bits_changed_by_post``: share of clean bits that post-processing alone flips.
-    """
+def _pre_sign(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model``'s pre-sign outputs ``u`` (``N x L``) of ``x``, in batches, in eval mode
+    (the mode is restored), on the CPU."""
     was_training = model.training
     model.eval()
     try:
-        u_c, u_a = model(clean), model(adversarial)
-        u_cp, u_ap = model(postprocess.apply(clean, post)), model(postprocess.apply(adversarial, post))
+        return torch.cat([model(x[i:i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
-    b_c, b_a, b_cp, b_ap = (torch.where(u >= 0, 1.0, -1.0) for u in (u_c, u_a, u_cp, u_ap))
+
+
+def _sign(u: torch.Tensor) -> torch.Tensor:
+    return torch.where(u >= 0, 1.0, -1.0)
+
+
+def _pattern(u_c: torch.Tensor, u_a: torch.Tensor, u_cp: torch.Tensor, u_ap: torch.Tensor, post: str) -> dict:
+    """The variation statistics from the pre-sign outputs of clean / adversarial images,
+    without (``u_c``, ``u_a``) and with (``u_cp``, ``u_ap``) post-processing."""
+    b_c, b_a, b_cp, b_ap = (_sign(u) for u in (u_c, u_a, u_cp, u_ap))
     flipped = b_a != b_c
     back = flipped & (b_ap == b_c)
     per_bit = back.float().sum(0) / flipped.float().sum(0)
@@ -194,3 +190,76 @@ def variation_pattern(model: torch.nn.Module, clean: torch.Tensor, adversarial: 
         "flip_back_per_bit": per_bit.tolist(),
         "clean_bits_changed_by_post": float((b_cp != b_c).float().mean()),
     }
+
+
+@torch.no_grad()
+def variation_pattern(model: torch.nn.Module, clean: torch.Tensor, adversarial: torch.Tensor,
+                      post: str = "jpeg:75", batch_size: int = 64) -> dict:
+    """What real post-processing does to a hash model's pre-sign outputs ``u``.
+
+    Args:
+        clean, adversarial: ``N x 3 x H x W`` [0, 1], the same faces without/with a perturbation.
+        post: a ``postprocess.apply`` spec.
+        batch_size: images per forward pass.
+
+    Returns a dict of statistics:
+        ``abs_u_clean``, ``abs_u_clean_post``, ``abs_u_adv``, ``abs_u_adv_post``: mean |u|;
+        ``shrink_clean``, ``shrink_adv``: mean |u| after / before post-processing;
+        ``flipped``: share of bits the perturbation flipped (vs clean codes, no post);
+        ``flipped_post``: share still flipped after post-processing (vs clean codes after post);
+        ``flip_back``: share of the flipped bits that return to the clean code after post;
+        ``flip_back_per_bit``: the same per bit (list of length L; NaN where never flipped);
+        ``clean_bits_changed_by_post``: share of clean bits that post-processing alone flips.
+    """
+    if clean.shape != adversarial.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and adversarial {tuple(adversarial.shape)} differ in shape")
+    u = [_pre_sign(model, x, batch_size) for x in (clean, adversarial, postprocess.apply(clean, post),
+                                                    postprocess.apply(adversarial, post))]
+    return _pattern(*u, post)
+
+
+@torch.no_grad()
+def variation_table(model: torch.nn.Module, protections: dict[str, Protect], sets: RetrievalSets,
+                    posts: Sequence[str] = VARIATION_POSTS, batch_size: int = 64) -> list[dict]:
+    """The variation pattern and each protection's effect, side by side, per post-processing.
+
+    Query setting: ``sets.query_images`` are protected by each of ``protections`` (name ->
+    ``protect``), then each spec in ``posts`` (real codecs, ``postprocess.apply``) is applied to
+    the clean and the protected queries; the database stays clean. Every forward pass is done
+    once: the database codes and the clean queries' ``u`` (with and without each post) are
+    shared by all protections.
+
+    Returns one dict per (protection, spec), protections outer: ``protection`` (its name), the
+    keys of :func:`variation_pattern`, and
+        ``abs_u_change``: relative change of mean |u| of the protected queries, ``shrink_adv - 1``;
+        ``rel_drop``: relative mAP@all drop after that post-processing (the clean baseline sees
+        the same post-processing; equal to ``Evaluator(model, sets)(protect, "query", post).rel_drop``);
+        ``drop_change``: ``rel_drop`` minus the protection's ``rel_drop`` without post-processing.
+    """
+    if not posts or not protections:
+        raise ValueError("need at least one protection and one post-processing spec")
+    x = sets.query_images
+    db = _sign(_pre_sign(model, sets.db_images, batch_size))
+    labels = (sets.query_labels, sets.db_labels)
+    u_clean = {p: _pre_sign(model, postprocess.apply(x, p), batch_size) for p in dict.fromkeys(("none", *posts))}
+
+    def drop(u_before: torch.Tensor, u_after: torch.Tensor) -> float:
+        before, after = (retrieval.mean_average_precision(retrieval.hamming_distance(_sign(u), db), *labels)
+                         for u in (u_before, u_after))
+        return (before - after) / before
+
+    rows = []
+    for name, protect in protections.items():
+        protected = protect(x)
+        if protected.shape != x.shape:
+            raise ValueError(f"protect() changed the shape {tuple(x.shape)} -> {tuple(protected.shape)}")
+        u_prot = {p: _pre_sign(model, postprocess.apply(protected, p), batch_size) for p in u_clean}
+        drop_none = drop(u_clean["none"], u_prot["none"])
+        for post in posts:
+            row = {"protection": name,
+                   **_pattern(u_clean["none"], u_prot["none"], u_clean[post], u_prot[post], post)}
+            row["abs_u_change"] = row["shrink_adv"] - 1
+            row["rel_drop"] = drop(u_clean[post], u_prot[post])
+            row["drop_change"] = row["rel_drop"] - drop_none
+            rows.append(row)
+    return rows
