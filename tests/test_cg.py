@@ -157,3 +157,21 @@ def test_shipped_cg_imitates_real_jpeg_better_than_kornia():
     assert rows["jpeg:75"]["psnr_cg"] > rows["jpeg:75"]["psnr_diffjpeg"] - 0.2
     assert rows["weibo"]["psnr_cg"] > rows["weibo"]["psnr_diffjpeg"] + 2
     assert rows["jpeg:75"]["psnr_cg"] > rows["jpeg:75"]["psnr_identity"] + 3
+
+
+def test_block_dct_is_orthonormal_per_block_and_checks_its_input():
+    g = torch.Generator().manual_seed(0)
+    plane = torch.rand(2, 16, 24, generator=g) * 255
+    coef = C.block_dct(plane)
+    assert coef.shape == (2, 6, 8, 8)
+    # orthonormal: energy of each level-shifted block is kept (Parseval)
+    blocks = (plane - 128).reshape(2, 2, 8, 3, 8).permute(0, 1, 3, 2, 4).reshape(2, 6, 8, 8)
+    assert torch.allclose(coef.pow(2).sum((-2, -1)), blocks.pow(2).sum((-2, -1)), rtol=1e-4)
+    # a constant block has only a DC coefficient: 8 x its value
+    flat = C.block_dct(torch.full((1, 8, 8), 3.0), shift=0)
+    assert abs(float(flat[0, 0, 0, 0]) - 24.0) < 1e-4 and float(flat[0, 0].flatten()[1:].abs().max()) < 1e-4
+    # the same transform the local branch quantises
+    local = C.LocalBranch()
+    assert torch.allclose(coef, local.dct @ (blocks) @ local.dct.T, atol=1e-3)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        C.block_dct(torch.zeros(1, 12, 16))

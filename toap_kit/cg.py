@@ -45,7 +45,7 @@ from .data import DATA_DIR, load_faceset, make_protocol
 from .store import load_checked, save_with_card
 
 __all__ = ["BENCH_SETTINGS", "CG_DIR", "CGTrainConfig", "CompressionGenerator", "GlobalBranch", "LocalBranch",
-           "build", "calibrate_local", "card", "condition_of", "fidelity", "finetune_to_remove", "heldout_faces",
+           "block_dct", "build", "calibrate_local", "card", "condition_of", "fidelity", "finetune_to_remove", "heldout_faces",
            "load", "measure_fidelity", "mitigation_loss", "perturb_randomly", "pretrain", "save", "training_faces"]
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,23 @@ def _blocks(c: torch.Tensor) -> torch.Tensor:
 def _unblocks(b: torch.Tensor, h: int, w: int) -> torch.Tensor:
     n = b.shape[0]
     return b.reshape(n, h // 8, w // 8, 8, 8).permute(0, 1, 3, 2, 4).reshape(n, h, w)
+
+
+def block_dct(plane: torch.Tensor, shift: float = 128.0) -> torch.Tensor:
+    """JPEG's 8x8 block DCT of one image plane, as the local branch computes it.
+
+    Args:
+        plane: ``N x H x W`` (H, W multiples of 8), e.g. luma in 0..255; a perturbation's
+            luma (no offset) with ``shift=0``.
+        shift: level shift subtracted before the transform (JPEG: 128 for 8-bit samples).
+
+    Returns ``N x B x 8 x 8`` orthonormal DCT-II coefficients, blocks in row-major order
+    (B = H/8 * W/8), frequencies (vertical, horizontal) from the top-left.
+    """
+    if plane.ndim != 3 or plane.shape[-2] % 8 or plane.shape[-1] % 8:
+        raise ValueError(f"block_dct needs N x H x W with H, W multiples of 8, got {tuple(plane.shape)}")
+    d = _dct_matrix().to(plane)
+    return d @ (_blocks(plane) - shift) @ d.T
 
 
 def _as_quality(x: torch.Tensor, quality: float | torch.Tensor) -> torch.Tensor:
