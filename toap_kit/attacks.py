@@ -10,6 +10,13 @@ where ``u`` are pre-sign outputs ``N x L`` and ``target`` the codes to move away
 - ``away_loss``: HAG-style, minimise the agreement ``mean(tanh(beta u) * target)``;
 - ``margin_loss``: push every bit past the wrong side of ``target`` by a margin ``m``,
   ``mean(relu(m + target * u))``, so the flip survives some shrinkage of ``u``.
+
+The margin loss and the identity anchor codes (``anchor_codes``) are the kit's reading of
+TOAP's robust objectives ([kit], see docs/method.md); the paper's abstract names neither.
+The universal perturbation follows Moosavi-Dezfooli et al., "Universal adversarial
+perturbations" (CVPR 2017), optimised directly with Adam on a loss over batches; averaging the
+loss over several surrogates is the ensemble attack of Liu et al., "Delving into transferable
+adversarial examples and black-box attacks" (ICLR 2017).
 """
 from __future__ import annotations
 
@@ -31,8 +38,9 @@ def away_loss(u: torch.Tensor, target: torch.Tensor, beta: float = 1.0) -> torch
 
 
 def margin_loss(u: torch.Tensor, target: torch.Tensor, margin: float = 2.0) -> torch.Tensor:
-    """Mean hinge ``relu(margin + target * u)``: zero once every bit sits ``margin`` past the
-    wrong side of ``target``."""
+    """Mean hinge ``relu(margin + target * u)`` over ``N x L`` pre-sign outputs ``u`` and codes
+    ``target`` in {-1, +1}: zero once every bit sits ``margin`` past the wrong side of
+    ``target``. A [kit] choice (docs/method.md)."""
     return torch.relu(margin + target * u).mean()
 
 
@@ -61,7 +69,8 @@ def _check(x: torch.Tensor, eps: float) -> None:
 @torch.no_grad()
 def anchor_codes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  batch_size: int = 256) -> dict[int, torch.Tensor]:
-    """Anchor code of each identity: ``sign`` of the sum of its images' codes (0 -> +1).
+    """Anchor code of each identity: ``sign`` of the sum of its images' codes (0 -> +1); the
+    universal perturbation's per-identity target, a [kit] choice (docs/method.md).
 
     Returns ``{label: code}`` with codes of shape ``(L,)`` in {-1, +1}.
     """
