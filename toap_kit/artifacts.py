@@ -5,6 +5,7 @@
     python -m toap_kit.artifacts uap       # the UAP baseline on the surrogate ensemble
     python -m toap_kit.artifacts cg        # pre-train the Compression Generator (~10 min, 1 core)
     python -m toap_kit.artifacts all
+    python -m toap_kit.artifacts cards     # re-measure the zoo cards' clean mAP (no training)
 
 Each step writes atomically and skips what is already there unless ``--force``, so an
 interrupted run resumes where it stopped.
@@ -64,9 +65,9 @@ def build_cg(force: bool = False) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m toap_kit.artifacts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["teacher", "zoo", "cg", "uap", "all"])
+    p.add_argument("step", choices=["teacher", "zoo", "cg", "uap", "all", "cards"])
     p.add_argument("--force", action="store_true", help="rebuild even if the artifact exists")
-    p.add_argument("--only", nargs="*", help="zoo: train only these model names")
+    p.add_argument("--only", nargs="*", help="zoo, cards: only these model names")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.step in ("teacher", "all"):
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         build_cg(args.force)
     if args.step in ("uap", "all"):
         build_uap(args.force)
+    if args.step == "cards":
+        zoo.remeasure_cards(args.only)
 
 
 if __name__ == "__main__":

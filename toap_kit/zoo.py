@@ -35,7 +35,7 @@ from .models import HashNet, build_model
 from .recognizer import RecognizerHash
 from .store import load_checked, save_with_card
 
-__all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "TrainingFaces", "build_zoo", "card", "clean_map", "fit_recognizer",
+__all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "TrainingFaces", "build_zoo", "card", "clean_map", "remeasure_cards", "fit_recognizer",
            "load", "names", "protocol_sets", "save", "surrogates", "training_faces", "victims"]
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def save(model: HashNet | RecognizerHash, info: dict, name: str, folder: Path = 
 
 
 def clean_map(model: HashNet | RecognizerHash, sets: RetrievalSets) -> float:
-    """mAP@all of ``model``'s hash codes on ``sets`` (ties by database index)."""
+    """mAP@all of ``model``'s hash codes on ``sets`` (tie-aware)."""
     q, d = model.encode(sets.query_images), model.encode(sets.db_images)
     return retrieval.mean_average_precision(retrieval.hamming_distance(q, d), sets.query_labels, sets.db_labels)
 
@@ -217,6 +217,21 @@ def fit_recognizer(spec: ModelSpec, seed: int = 0, progress: bool = True) -> tup
                               "itq_fitted_on": f"{len(train)} training faces + {len(distractors)} distractors"},
             "clean_map_all": {k: round(clean_map(model, s), 4) for k, s in protocol_sets(spec.input_size).items()}}
     return model, info
+
+
+def remeasure_cards(only: list[str] | None = None) -> None:
+    """Measure each shipped model's ``clean_map_all`` again with today's metric and rewrite that
+    field of its card (atomically; weights and checksum untouched). No training."""
+    for name in names():
+        if only and name not in only:
+            continue
+        path = ZOO_DIR / f"{name}.json"
+        c = card(name)
+        c["clean_map_all"] = {k: round(clean_map(load(name), s), 4) for k, s in protocol_sets(c["input_size"]).items()}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(c, indent=1))
+        tmp.replace(path)
+        log.info("%s: %s", name, c["clean_map_all"])
 
 
 def build_zoo(force: bool = False, only: list[str] | None = None, config: TrainConfig | None = None) -> None:
