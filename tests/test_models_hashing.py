@@ -68,6 +68,27 @@ def test_itq_codes_and_quantisation():
     assert b.shape == (300, 8) and set(np.unique(b)) <= {-1.0, 1.0}
     with pytest.raises(ValueError, match="exceeds"):
         hashing.ITQ(32).fit(x)
+    # the rotation is orthogonal, and the iterations lower the quantisation error ||B - VR||^2
+    # below that of the random rotation they start from
+    assert np.allclose(itq.rotation.T @ itq.rotation, np.eye(8), atol=1e-6)
+    v = (x - itq.mean) @ itq.pca
+
+    def error(r):
+        return np.square(np.where(v @ r >= 0, 1.0, -1.0) - v @ r).sum()
+
+    start = hashing.ITQ(8, iters=0).fit(x).rotation
+    assert error(itq.rotation) < error(start)
+
+
+def test_distill_loss_zero_when_student_copies_teacher_and_bounded():
+    torch.manual_seed(0)
+    t = torch.randn(6, 16)
+    # tanh is linear near 0, so small u = t/1000 has the teacher's pairwise cosines
+    assert float(hashing.distill_loss(t * 1e-3, t * 3, t)) < 1e-5
+    assert float(hashing.distill_loss(t * 50, t * 3, t)) > 1e-3  # tanh(50 t) ~ sign(t): other cosines
+    u, e = torch.randn(6, 8), torch.randn(6, 16)
+    value = float(hashing.distill_loss(u, e, t))
+    assert 0 < value <= 6
 
 
 def test_trainer_learns_a_toy_problem_and_is_deterministic():

@@ -133,7 +133,10 @@ def distill_loss(u: torch.Tensor, emb: torch.Tensor, teacher: torch.Tensor) -> t
     """Teacher distillation: ``(1 - cos(emb, teacher)).mean()`` plus the mean squared
     difference between the pairwise cosine similarities of ``tanh(u)`` and of the teacher.
 
-    ``teacher`` is ``N x D`` (centred teacher embeddings), ``emb`` the student's ``N x D``.
+    ``u`` is ``N x L`` pre-sign outputs, ``emb`` the student's ``N x D`` auxiliary embedding,
+    ``teacher`` ``N x D`` centred teacher embeddings. The value lies in [0, 6]: the cosine
+    term in [0, 2], the pairwise term in [0, 4]. A scalar tensor, differentiable in ``u``
+    and ``emb``.
     """
     cos = 1 - F.cosine_similarity(emb, teacher, dim=1).mean()
     t = F.normalize(teacher, dim=1)
@@ -160,8 +163,10 @@ def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 3) -> torch.Tens
 
 class ITQ:
     """Iterative quantisation (Gong & Lazebnik, CVPR 2011): PCA to ``bits`` dimensions,
-    then a rotation that minimises quantisation error. Used to hash the teacher's float
-    embeddings."""
+    ``V = (x - mean) @ pca``, then a rotation ``R`` that minimises ``||B - V R||_F^2`` over
+    codes ``B`` in {-1, +1} and orthogonal ``R``, alternating ``B = sign(V R)`` and the
+    orthogonal Procrustes step (SVD of ``B^T V``) for ``iters`` rounds from a random rotation
+    drawn with ``seed``. Used to hash the teacher's float embeddings (notebook 01 rebuilds it)."""
 
     def __init__(self, bits: int, iters: int = 50, seed: int = 0):
         self.bits, self.iters, self.seed = bits, iters, seed
