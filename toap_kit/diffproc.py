@@ -4,7 +4,8 @@ for use inside losses (gradients flow to the input).
 - ``jpeg``: kornia's differentiable JPEG (``kornia.enhance.jpeg_codec_differentiable``,
   Reich, Debus, Wachter, WACV 2024; its cubic soft rounding ``r + (v - r)^3`` is Shin &
   Song's, "JPEG-resistant adversarial images", NIPS 2017 workshop), always 4:2:0 chroma;
-  kornia soft-clips to 0..255, so the output is clamped to [0, 1] here; kornia pads sizes that are not multiples of 16 itself.
+  kornia soft-clips to 0..255, so the output is clamped to [0, 1] here; kornia pads sizes
+  that are not multiples of 16 itself.
 - ``resize``: down-then-up resize (kornia, antialiased on the way down).
 - ``blur``: Gaussian blur (kornia).
 - ``noise``: additive Gaussian noise from a seeded generator.
