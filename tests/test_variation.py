@@ -80,6 +80,8 @@ def test_variation_pattern_equals_a_from_scratch_count():
     assert flipped.any(), "the toy perturbation flips some bits"
     assert stats["flip_back"] == pytest.approx(float(back.sum() / flipped.sum()))
     assert stats["shrink_adv"] == pytest.approx(float(u_ap.abs().mean() / u_a.abs().mean()), rel=1e-6)
+    assert stats["shrink_clean"] == pytest.approx(float(u_cp.abs().mean() / u_c.abs().mean()), rel=1e-6)
+    assert stats["clean_bits_changed_by_post"] == pytest.approx(float(((u_cp >= 0) != (u_c >= 0)).float().mean()))
     per_bit = stats["flip_back_per_bit"]
     for j in range(u_c.shape[1]):
         if flipped[:, j].any():
