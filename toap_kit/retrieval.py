@@ -264,9 +264,10 @@ class HammingIndex:
     """Exact Hamming search over {-1,+1} codes, on FAISS ``IndexBinaryFlat`` or numpy.
 
     ``search(q, k)`` returns ``(distances, indices)``, each ``Nq x k``, sorted by distance.
-    Distances are exact in both backends. FAISS may order equal distances differently from
-    the kit's tie rule, so results are re-sorted by (distance, index); the membership of a tie
-    group cut by ``k`` is whatever FAISS returned. The numpy backend is the reference.
+    Distances are exact in both backends. FAISS may order equal distances differently, so
+    results are re-sorted by (distance, index); the membership of a tie group cut by ``k`` is
+    whatever FAISS returned. The numpy backend is the reference. This is a listing for
+    search and galleries: no metric of the kit is computed from it (they are tie-aware).
     """
 
     def __init__(self, bits: int, backend: str = "faiss"):
