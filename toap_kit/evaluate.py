@@ -243,10 +243,13 @@ def variation_table(model: torch.nn.Module, protections: dict[str, Protect], set
     labels = (sets.query_labels, sets.db_labels)
     u_clean = {p: _pre_sign(model, postprocess.apply(x, p), batch_size) for p in dict.fromkeys(("none", *posts))}
 
-    def drop(u_before: torch.Tensor, u_after: torch.Tensor) -> float:
-        before, after = (retrieval.mean_average_precision(retrieval.hamming_distance(_sign(u), db), *labels)
-                         for u in (u_before, u_after))
-        return (before - after) / before
+    def map_all(u: torch.Tensor) -> float:
+        return retrieval.mean_average_precision(retrieval.hamming_distance(_sign(u), db), *labels)
+
+    map_clean = {p: map_all(u) for p, u in u_clean.items()}  # shared by every protection
+
+    def drop(post: str, u_after: torch.Tensor) -> float:
+        return (map_clean[post] - map_all(u_after)) / map_clean[post]
 
     rows = []
     for name, protect in protections.items():
@@ -254,12 +257,12 @@ def variation_table(model: torch.nn.Module, protections: dict[str, Protect], set
         if protected.shape != x.shape:
             raise ValueError(f"protect() changed the shape {tuple(x.shape)} -> {tuple(protected.shape)}")
         u_prot = {p: _pre_sign(model, postprocess.apply(protected, p), batch_size) for p in u_clean}
-        drop_none = drop(u_clean["none"], u_prot["none"])
+        drop_none = drop("none", u_prot["none"])
         for post in posts:
             row = {"protection": name,
                    **_pattern(u_clean["none"], u_prot["none"], u_clean[post], u_prot[post], post)}
             row["abs_u_change"] = row["shrink_adv"] - 1
-            row["rel_drop"] = drop(u_clean[post], u_prot[post])
+            row["rel_drop"] = drop(post, u_prot[post])
             row["drop_change"] = row["rel_drop"] - drop_none
             rows.append(row)
     return rows
