@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import retrieval, teacher
@@ -36,11 +38,13 @@ from .recognizer import RecognizerHash
 from .store import load_checked, save_with_card
 
 __all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "TrainingFaces", "build_zoo", "card", "clean_map", "remeasure_cards", "fit_recognizer",
-           "load", "names", "protocol_sets", "save", "surrogates", "training_faces", "victims"]
+           "load", "names", "protocol_sets", "random_views", "save", "surrogates", "training_faces", "victims",
+           "view_bank"]
 
 log = logging.getLogger(__name__)
 ZOO_DIR = DATA_DIR / "zoo"
 N_VAL_IDENTITIES = 10  # training identities held out of training, for early stopping
+TEACHER_SIZE = 112  # the kit's face crops; the teacher cuts its chip from them
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class ModelSpec:
     role: str
     input_size: int = 48
     epochs: int = 30
+    views: int = 0  # random views per face, each with its own teacher target (``view_bank``)
 
 
 # Trained on 2 CPU cores: the last two victims got 12 epochs instead of 30 to fit the budget
@@ -173,23 +178,82 @@ def protocol_sets(size: int) -> dict[str, RetrievalSets]:
             for kind in ("open", "closed")}
 
 
+def random_views(x: torch.Tensor, gen: torch.Generator, mix: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(views, blended)``: random views of ``N x 3 x S x S`` [0, 1] faces (rotation +-12 deg,
+    scale 0.9-1.1, shift +-3%, flip, saturation / brightness / contrast jitter, 10% grey), a
+    share ``mix`` of them blended with another face of the batch (weight 0.3-0.7), and the
+    ``N`` boolean mask of those."""
+    n = len(x)
+
+    def u(*shape: int) -> torch.Tensor:  # uniform in [-1, 1]
+        return torch.rand(*shape, generator=gen) * 2 - 1
+
+    scale, angle, shift = 1 + 0.1 * u(n), math.radians(12) * u(n), 0.06 * u(n, 2)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.stack([torch.stack([scale * angle.cos() * flip, -scale * angle.sin(), shift[:, 0]], 1),
+                         torch.stack([scale * angle.sin() * flip, scale * angle.cos(), shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    grey = y.mean(1, keepdim=True)
+    y = grey + (y - grey) * (1 + 0.3 * u(n, 1, 1, 1))
+    y = torch.where(torch.rand(n, 1, 1, 1, generator=gen) < 0.1, y.mean(1, keepdim=True).expand_as(y), y)
+    m = y.mean((1, 2, 3), keepdim=True)
+    y = ((y - m) * (1 + 0.15 * u(n, 1, 1, 1)) + m * (1 + 0.15 * u(n, 1, 1, 1))).clamp(0, 1)
+    blend = torch.rand(n, generator=gen) < mix
+    lam = 0.3 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen)
+    other = y[torch.randperm(n, generator=gen)]
+    return torch.where(blend[:, None, None, None], lam * y + (1 - lam) * other, y), blend
+
+
+def view_bank(data: TrainingFaces, size: int, n_views: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``(images at size x size, labels, centred teacher targets)``: the faces themselves plus
+    ``n_views`` random views of each; mixed views are unlabelled (-1)."""
+    engine = load("dlib_itq_64")
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys, ts = [], [], []
+    with torch.no_grad():
+        for v in tqdm(range(n_views + 1), desc="views"):
+            order = torch.randperm(len(data.images), generator=gen)
+            for i in range(0, len(order), 128):
+                idx = order[i:i + 128]
+                x, y = data.images[idx], data.labels[idx].clone()
+                if v:
+                    x, blend = random_views(x, gen)
+                    y[blend] = -1
+                ts.append(engine.embed(x))
+                ys.append(y)
+                xs.append(F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+    t = torch.cat(ts)
+    return torch.cat(xs), torch.cat(ys), t - t.mean(0)
+
+
 def train_one(spec: ModelSpec, config: TrainConfig, progress: bool = True) -> tuple[HashNet, dict]:
-    """Train one zoo model on ``training_faces`` (see ``build_zoo``)."""
-    data = training_faces(spec.input_size)
+    """Train one zoo model on ``training_faces`` (see ``build_zoo``). With ``spec.views`` each
+    face also gets that many random views, each distilled from the teacher's embedding of that
+    very view (``view_bank``); then the whole schedule runs and the last epoch is kept (the
+    10-identity validation swings too much from epoch to epoch to select by)."""
+    data = training_faces(TEACHER_SIZE if spec.views else spec.input_size)
+    if spec.views:
+        images, labels, targets = view_bank(data, spec.input_size, spec.views, config.seed)
+        val = training_faces(spec.input_size).val
+    else:
+        images, labels, targets, val = data.images, data.labels, data.teacher, data.val
     torch.manual_seed(config.seed)
     model = build_model(spec.backbone, spec.bits, spec.input_size)
     objective = make_objective(spec.objective, spec.bits, data.n_classes)
-    history = train_hash_model(model, data.images, data.labels, data.teacher, objective, config,
-                               validate=lambda m: clean_map(m, data.val), progress=progress)
+    history = train_hash_model(model, images, labels, targets, objective, config,
+                               validate=None if spec.views else (lambda m: clean_map(m, val)), progress=progress)
     sets = protocol_sets(spec.input_size)
     info = {"role": spec.role, "objective": spec.objective,
             "training_data": {"protocol": "open-set, seed 0", "labelled_images": int((data.labels >= 0).sum()),
                               "training_identities": data.n_identities,
                               "validation_identities": data.val_names,
                               "unlabelled_distractors_for_distillation": int((data.labels < 0).sum()),
+                              "views_per_face": spec.views,
                               "teacher": "dlib_face_recognition_resnet_model_v1"},
-            "train_config": asdict(config), "seed": config.seed,
-            "epochs_run": len(history), "best_val_map": max(r["val"] for r in history),
+            "train_config": asdict(config), "seed": config.seed, "epochs_run": len(history),
+            **({"last_epoch_val_map": round(clean_map(model, val), 4)} if spec.views
+               else {"best_val_map": max(r["val"] for r in history)}),
             "clean_map_all": {k: round(clean_map(model, s), 4) for k, s in sets.items()}}
     return model, info
 

@@ -20,67 +20,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from toap_kit import retrieval, zoo
 from toap_kit.hashing import ITQ, TrainConfig, make_objective, train_hash_model
 from toap_kit.models import build_model
 
-TEACHER_SIZE = 112  # the kit's face crops; the teacher cuts its chip from them
-
-
-def random_views(x: torch.Tensor, gen: torch.Generator, mix: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(views, blended)``: random views of ``N x 3 x S x S`` [0, 1] faces (rotation +-12 deg,
-    scale 0.9-1.1, shift +-3%, flip, saturation / brightness / contrast jitter, 10% grey), a
-    share ``mix`` of them blended with another face of the batch (weight 0.3-0.7), and the
-    ``N`` boolean mask of those."""
-    n = len(x)
-
-    def u(*shape: int) -> torch.Tensor:  # uniform in [-1, 1]
-        return torch.rand(*shape, generator=gen) * 2 - 1
-
-    scale, angle, shift = 1 + 0.1 * u(n), math.radians(12) * u(n), 0.06 * u(n, 2)
-    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.stack([torch.stack([scale * angle.cos() * flip, -scale * angle.sin(), shift[:, 0]], 1),
-                         torch.stack([scale * angle.sin() * flip, scale * angle.cos(), shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    grey = y.mean(1, keepdim=True)
-    y = grey + (y - grey) * (1 + 0.3 * u(n, 1, 1, 1))
-    y = torch.where(torch.rand(n, 1, 1, 1, generator=gen) < 0.1, y.mean(1, keepdim=True).expand_as(y), y)
-    m = y.mean((1, 2, 3), keepdim=True)
-    y = ((y - m) * (1 + 0.15 * u(n, 1, 1, 1)) + m * (1 + 0.15 * u(n, 1, 1, 1))).clamp(0, 1)
-    blend = torch.rand(n, generator=gen) < mix
-    lam = 0.3 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen)
-    other = y[torch.randperm(n, generator=gen)]
-    return torch.where(blend[:, None, None, None], lam * y + (1 - lam) * other, y), blend
-
-
-def view_bank(data: zoo.TrainingFaces, size: int, n_views: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """``(images at size x size, labels, centred teacher targets)``: the faces themselves plus
-    ``n_views`` random views of each; mixed views are unlabelled (-1)."""
-    engine = zoo.load("dlib_itq_64")
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys, ts = [], [], []
-    with torch.no_grad():
-        for v in tqdm(range(n_views + 1), desc="views"):
-            order = torch.randperm(len(data.images), generator=gen)
-            for i in range(0, len(order), 128):
-                idx = order[i:i + 128]
-                x, y = data.images[idx], data.labels[idx].clone()
-                if v:
-                    x, blend = random_views(x, gen)
-                    y[blend] = -1
-                ts.append(engine.embed(x))
-                ys.append(y)
-                xs.append(F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
-    t = torch.cat(ts)
-    return torch.cat(xs), torch.cat(ys), t - t.mean(0)
 
 
 def scores(model, sets: dict, itq: ITQ) -> dict[str, float]:
@@ -109,14 +57,14 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     spec = next(s for s in zoo.ZOO_SPECS if s.name == args.model)
-    data = zoo.training_faces(TEACHER_SIZE)
+    data = zoo.training_faces(zoo.TEACHER_SIZE)
     sets = zoo.protocol_sets(spec.input_size)
     if args.smoke:
         keep = torch.cat([torch.nonzero(data.labels >= 0).flatten()[:48], torch.nonzero(data.labels < 0).flatten()[:48]])
         data = replace(data, images=data.images[keep], labels=data.labels[keep], teacher=data.teacher[keep])
         sets = {k: s.subset(12, 100) for k, s in sets.items()}
         args.views, args.epochs = 1, 1
-    x, y, t = view_bank(data, spec.input_size, args.views, args.seed)
+    x, y, t = zoo.view_bank(data, spec.input_size, args.views, args.seed)
     torch.manual_seed(args.seed)
     student = build_model(spec.backbone, spec.bits, spec.input_size)
     config = TrainConfig(epochs=args.epochs, seed=args.seed)
