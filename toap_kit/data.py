@@ -36,6 +36,7 @@ __all__ = [
     "Protocol",
     "RetrievalSets",
     "crop_face",
+    "face_box",
     "load_faceset",
     "load_folder",
     "load_image",
@@ -286,12 +287,12 @@ def make_sets(faces: FaceSet, distractors: FaceSet, queries: Sequence[int], data
 CROP_SCALE, CROP_SHIFT_UP = 1.32, 0.078
 
 
-def crop_face(image: torch.Tensor, size: int = 112) -> tuple[torch.Tensor, bool]:
-    """Detect the largest face in a ``3 x H x W`` [0, 1] photo and crop it like the shipped
-    faces (dlib's HOG detector; borders padded by edge replication).
+def face_box(image: torch.Tensor) -> tuple[int, int, int, bool]:
+    """The square the kit's cropper cuts around the largest face of a ``3 x H x W`` [0, 1]
+    photo (dlib's HOG detector box, scaled and shifted like the shipped crops).
 
-    Returns ``(3 x size x size crop, found)``; without a detected face the central square
-    is used and ``found`` is False.
+    Returns ``(x0, y0, side, found)`` in pixels (the square may reach outside the photo);
+    without a detected face the central square and ``found`` False.
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a 3 x H x W image, got {tuple(image.shape)}")
@@ -308,14 +309,24 @@ def crop_face(image: torch.Tensor, size: int = 112) -> tuple[torch.Tensor, bool]
     else:
         side = min(h, w)
         cx, cy = w / 2, h / 2
-    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
-    s = int(round(side))
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), int(round(side)), bool(len(boxes))
+
+
+def crop_face(image: torch.Tensor, size: int = 112) -> tuple[torch.Tensor, bool]:
+    """Detect the largest face in a ``3 x H x W`` [0, 1] photo and crop it like the shipped
+    faces (``face_box``; borders padded by edge replication).
+
+    Returns ``(3 x size x size crop, found)``; without a detected face the central square
+    is used and ``found`` is False.
+    """
+    x0, y0, s, found = face_box(image)
+    h, w = image.shape[1:]
     pad = max(0, -x0, -y0, x0 + s - w, y0 + s - h)
     padded = torch.nn.functional.pad(image[None], (pad,) * 4, mode="replicate")[0] if pad else image
     crop = padded[:, y0 + pad:y0 + pad + s, x0 + pad:x0 + pad + s]
     crop = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bicubic",
                                            align_corners=False, antialias=True)[0].clamp(0, 1)
-    return crop, bool(len(boxes))
+    return crop, found
 
 
 @lru_cache(maxsize=1)
