@@ -21,13 +21,15 @@ Which module does what (one room per concept):
 - ``diffproc``    differentiable post-processing (kornia's differentiable JPEG, resize, blur).
 - ``cg``          the Compression Generator: local JPEG-like + global residual branch, trained
                   to imitate the real codecs; its fidelity benchmark and removal fine-tuning.
+- ``toap``        TOAP itself: robust objectives, post-processing draws, meta-learning over
+                  surrogates, alternation with the CG; threat tiers.
 - ``plots``       figures: face grids and retrieval galleries.
 - ``demo``        the Gradio app's Blocks (``build_demo()``).
-- ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg``).
+- ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
 from . import (attacks, cg, data, diffproc, evaluate, hashing, models, perturbation, plots, postprocess, recognizer,
-               retrieval, store, teacher, zoo)
+               retrieval, store, teacher, toap, zoo)
 from .config import Config, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
@@ -35,13 +37,15 @@ from .hashing import ITQ, TrainConfig, make_objective, train_hash_model
 from .models import HashNet, build_model
 from .perturbation import Perturbation
 from .retrieval import HammingIndex, hamming_distance, mean_average_precision, pr_curve
+from .toap import TOAP, TOAPConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TrainConfig",
+    "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
+    "TOAPConfig", "TrainConfig",
     "attacks", "build_model", "cg", "data", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "perturbation",
     "plots", "postprocess", "pr_curve", "recognizer", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
-    "train_hash_model", "zoo",
+    "toap", "train_hash_model", "zoo",
 ]

@@ -1,6 +1,6 @@
 """A universal perturbation as a versioned artifact: ``delta`` + a JSON card.
 
-    >>> p = Perturbation.load("uap_surrogates_8")     # a shipped one, by name
+    >>> p = Perturbation.load("uap-mid-cnn")     # a shipped one, by name
     >>> protected = p.apply(photos)                    # N x 3 x H x W in [0, 1], any size
 
 Files: ``<path>.safetensors`` (the tensor) and ``<path>.json`` (method, eps, size, surrogates,
@@ -68,6 +68,11 @@ class Perturbation:
         tensor_file, self.card = save_with_card({"delta": self.delta}, card, base.parent, base.name)
         return tensor_file
 
+    @staticmethod
+    def shipped() -> list[str]:
+        """Names of the shipped perturbations (``data/perturbations``), for ``load(name)``."""
+        return sorted(p.stem for p in PERTURBATION_DIR.glob("*.json"))
+
     @classmethod
     def load(cls, path_or_name: str | Path) -> "Perturbation":
         """Load from a path (with or without suffix) or the name of a shipped perturbation.
@@ -81,8 +86,7 @@ class Perturbation:
             path = PERTURBATION_DIR / path.name
         card_file, tensor_file = path.with_suffix(".json"), path.with_suffix(".safetensors")
         if not card_file.is_file() or not tensor_file.is_file():
-            shipped = sorted(p.stem for p in PERTURBATION_DIR.glob("*.json"))
-            raise FileNotFoundError(f"no perturbation at {path} (shipped: {shipped})")
+            raise FileNotFoundError(f"no perturbation at {path} (shipped: {cls.shipped()})")
         card = json.loads(card_file.read_text())
         return cls(load_checked(tensor_file, card.get("sha256"))["delta"], card["eps"], card)
 
