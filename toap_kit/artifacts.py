@@ -2,7 +2,7 @@
 
     python -m toap_kit.artifacts teacher   # dlib embeddings of the shipped faces (~9 min)
     python -m toap_kit.artifacts zoo       # train the hash-model zoo (see zoo.ZOO_SPECS)
-    python -m toap_kit.artifacts uap       # the UAP baseline on the surrogate ensemble
+    python -m toap_kit.artifacts perturbations  # the shipped UAP baselines and TOAP ladder
     python -m toap_kit.artifacts cg        # pre-train the Compression Generator (~10 min, 1 core)
     python -m toap_kit.artifacts all
     python -m toap_kit.artifacts cards     # re-measure the zoo cards' clean mAP (no training)
@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
-from . import attacks, teacher, zoo
+import torch
+
+from . import attacks, teacher, toap, zoo
 from .data import load_faceset, make_protocol
 from .perturbation import PERTURBATION_DIR, Perturbation
 
@@ -34,24 +37,79 @@ def build_teacher(force: bool = False) -> None:
         teacher.save_embeddings(name, faces.paths, rec.embed(faces.images))
 
 
-def build_uap(force: bool = False, eps: float = 8 / 255, steps: int = 150, seed: int = 0) -> None:
-    """The UAP baseline: one delta (112x112) on the ensemble of surrogates, trained on the
-    training identities' faces of the open-set protocol only."""
-    path = PERTURBATION_DIR / "uap_surrogates_8"
-    if not force and path.with_suffix(".json").is_file():
-        log.info("%s exists, skipping", path.name)
-        return
+CNN_SURROGATES = ("vgg_dpsh_32", "resnet_hashnet_32", "resnet_dpsh_16")
+WITH_DLIB = CNN_SURROGATES + (toap.DLIB_SURROGATE,)
+DLIB_WEIGHT = {toap.DLIB_SURROGATE: 2.0}  # the user's protection leans on the real recognizer
+
+# name -> recipe. ``eps`` in 8-bit levels; toap recipes are TOAPConfig fields.
+PERTURBATION_SPECS: dict[str, dict] = {
+    "uap-mid-cnn": {"method": "uap", "eps": 8, "surrogates": CNN_SURROGATES, "steps": 150},
+    "toap-mid-cnn": {"method": "toap", "eps": 8, "surrogates": CNN_SURROGATES, "psnr_floor": 32.5},
+    "uap-mid": {"method": "uap", "eps": 8, "surrogates": WITH_DLIB, "steps": 300},
+    # with dlib's network: 10 CG steps per round instead of 20 (time; the CG phase uses the small CNNs)
+    "toap-mid": {"method": "toap", "eps": 8, "surrogates": WITH_DLIB, "psnr_floor": 32.5, "weights": DLIB_WEIGHT,
+                 "cg_steps": 10},
+    "toap-low": {"method": "toap", "eps": 4, "surrogates": WITH_DLIB, "psnr_floor": 36.0, "weights": DLIB_WEIGHT,
+                 "cg_steps": 10},
+    "toap-high": {"method": "toap", "eps": 12, "surrogates": WITH_DLIB, "psnr_floor": 29.0, "weights": DLIB_WEIGHT,
+                  "cg_steps": 10},
+}
+
+
+def perturbation_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """``(faces, labels, val_faces, description)``: what every perturbation may see: the
+    open-set protocol's training identities (112x112) minus the zoo's 10 validation identities,
+    whose faces check each TOAP round. The evaluation identities are never touched."""
     faces = load_faceset("lfw158", 112)
     proto = make_protocol(faces, 2000)
-    x, y = faces.images[proto.train], faces.labels[proto.train]
-    names = zoo.surrogates()
-    models = [zoo.load(n) for n in names]
-    anchors = [attacks.anchor_codes(m, x, y) for m in models]
-    delta = attacks.universal_perturbation(models, x, y, anchors, eps=eps, steps=steps, seed=seed)
-    Perturbation(delta, eps, {"method": "uap", "objective": "margin_loss (margin 2) to identity anchor codes",
-                              "optimizer": "Adam lr 1e-3, batch 32", "steps": steps,
-                              "surrogates": names, "data": f"open-set protocol seed 0: {len(x)} training-identity faces",
-                              "seed": seed}).save(path)
+    val_ids = {faces.identities.index(n) for n in zoo.training_faces(32).val_names}
+    train = [i for i in proto.train if int(faces.labels[i]) not in val_ids]
+    val = [i for i in proto.train if int(faces.labels[i]) in val_ids]
+    desc = (f"open-set protocol seed 0: {len(train)} faces of {len(proto.train_identities) - len(val_ids)} training "
+            f"identities; {len(val)} faces of the zoo's 10 validation identities check each round")
+    return faces.images[train], faces.labels[train], faces.images[val], desc
+
+
+def make_perturbation(recipe: dict, seed: int = 0, progress: bool = True, data=None, **overrides) -> Perturbation:
+    """Train one perturbation from a recipe (``PERTURBATION_SPECS`` entry; ``overrides``
+    change TOAPConfig fields, e.g. the ablations' switches)."""
+    x, y, val, desc = data or perturbation_data()
+    eps = recipe["eps"] / 255
+    names = list(recipe["surrogates"])
+    if recipe["method"] == "uap":
+        models = list(toap.load_surrogates(names).values())
+        anchors = [attacks.anchor_codes(m, x, y) for m in models]
+        t = time.perf_counter()
+        delta = attacks.universal_perturbation(models, x, y, anchors, eps=eps, steps=recipe["steps"], seed=seed,
+                                               progress=progress)
+        return Perturbation(delta, eps, {"method": "uap", "objective": "margin_loss (margin 2) to identity anchor codes",
+                                         "optimizer": "Adam lr 1e-3, batch 32", "steps": recipe["steps"],
+                                         "surrogates": names, "data": desc, "seed": seed,
+                                         "seconds": {"delta": round(time.perf_counter() - t, 1)}})
+    config = {k: v for k, v in recipe.items() if k not in ("method", "eps", "surrogates")}
+    attack = toap.TOAP(names, progress=progress, eps=eps, seed=seed, **{**config, **overrides})
+    p = attack.fit(x, y, val_faces=val, data=desc)
+    p.card["history_val"] = [dict(h) for h in attack.history if h["kind"] == "val"]
+    return p
+
+
+def build_perturbations(force: bool = False, only: list[str] | None = None, seed: int = 0) -> None:
+    """Train every ``PERTURBATION_SPECS`` entry missing from data/perturbations (or all with
+    ``force``); each is saved as soon as it is done, so a stopped run resumes."""
+    data = None
+    for name, recipe in PERTURBATION_SPECS.items():
+        if only and name not in only:
+            continue
+        path = PERTURBATION_DIR / name
+        if not force and path.with_suffix(".json").is_file():
+            log.info("%s exists, skipping", name)
+            continue
+        data = data or perturbation_data()
+        t = time.perf_counter()
+        p = make_perturbation(recipe, seed, data=data)
+        p.card["name"] = name
+        p.save(path)
+        log.info("%s: trained in %.0f s (%s)", name, time.perf_counter() - t, p.card.get("seconds"))
 
 
 def build_cg(force: bool = False) -> None:
@@ -65,9 +123,9 @@ def build_cg(force: bool = False) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m toap_kit.artifacts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["teacher", "zoo", "cg", "uap", "all", "cards"])
+    p.add_argument("step", choices=["teacher", "zoo", "cg", "perturbations", "all", "cards"])
     p.add_argument("--force", action="store_true", help="rebuild even if the artifact exists")
-    p.add_argument("--only", nargs="*", help="zoo, cards: only these model names")
+    p.add_argument("--only", nargs="*", help="zoo, cards, perturbations: only these names")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.step in ("teacher", "all"):
@@ -76,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         zoo.build_zoo(force=args.force, only=args.only)
     if args.step in ("cg", "all"):
         build_cg(args.force)
-    if args.step in ("uap", "all"):
-        build_uap(args.force)
+    if args.step in ("perturbations", "all"):
+        build_perturbations(args.force, args.only)
     if args.step == "cards":
         zoo.remeasure_cards(args.only)
 
