@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: install demo test lab book artifacts bench clean
+.PHONY: install demo test lab book artifacts bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: install  ## the README's benchmark tables (about 40 min on 2 CPU cores)
 	$(BIN)/python -m toap_kit.bench retrieval
 	$(BIN)/python -m toap_kit.bench attacks
 	$(BIN)/python -m toap_kit.bench cg
+
+results: install  ## TOAP's results table and figures into results/ (see README; about an hour on 2 CPU cores)
+	$(BIN)/python -m toap_kit.bench toap
 
 clean:
 	rm -rf outputs .pytest_cache book

@@ -3,6 +3,7 @@
     python -m toap_kit.bench retrieval [--json]   # zoo mAP, teacher ceiling, FAISS vs numpy
     python -m toap_kit.bench attacks [--json]     # baselines: noise, per-image PGD, UAP
     python -m toap_kit.bench cg [--json]          # Compression Generator fidelity to real codecs
+    python -m toap_kit.bench toap [--json]        # TOAP vs baselines, every tier (``make results``)
 
 Every number is measured on the shipped data with the shipped models, on the open-set
 protocol (``toap_kit.data.make_protocol``) unless a column says closed-set.
@@ -16,12 +17,14 @@ import time
 import numpy as np
 import torch
 
-from . import attacks, cg, evaluate, postprocess, retrieval, teacher, zoo
+from . import attacks, cg, evaluate, postprocess, results, retrieval, teacher, zoo
+from .config import OUTPUT_DIR
 from .data import load_faceset, make_protocol, retrieval_sets
 from .hashing import ITQ
 from .perturbation import Perturbation
 
-__all__ = ["bench_attacks", "bench_cg", "bench_index", "bench_models", "bench_retrieval", "bench_teacher", "main"]
+__all__ = ["bench_attacks", "bench_cg", "bench_index", "bench_models", "bench_retrieval", "bench_teacher", "bench_toap",
+           "main"]
 
 
 def _metrics(q_codes, db_codes, sets, ties: str = "expected") -> retrieval.RetrievalResult:
@@ -125,7 +128,7 @@ def _print_retrieval(r: dict) -> None:
 
 
 def bench_attacks(eps: float = 8 / 255, pgd_steps: int = 10, posts: tuple[str, ...] = ("none", "jpeg:75"),
-                  perturbation: str = "uap_surrogates_8") -> dict:
+                  perturbation: str = "uap-mid-cnn") -> dict:
     """The baseline table on the open-set evaluation identities: random sign noise, per-image
     PGD (made on the ensemble of surrogates) and the shipped UAP, each at ``eps``, on every
     zoo model, in both threat settings, with and without real post-processing."""
@@ -205,8 +208,24 @@ def _print_cg(r: dict) -> None:
                                 f"{m[c]:.4f}" if isinstance(m[c], float) else str(m[c]) for c in cols) + " |")
 
 
+def bench_toap(parts: list[str] | None = None) -> dict:
+    """TOAP's results (``toap_kit.results.run``, all ``results.PARTS`` or ``parts``), written to
+    ``results/`` (or, in fast mode, ``TOAP_FAST=1``, to ``outputs/results-fast/`` so a smoke run
+    never replaces them)."""
+    torch.set_grad_enabled(True)
+    r = results.run(parts=parts or results.PARTS)
+    results.write(r, OUTPUT_DIR / "results-fast" if r["fast"] else results.RESULTS_DIR)
+    if not r["fast"] and "grid" in r["parts"]:
+        results.annotate_cards(r)
+    return r
+
+
+def _print_toap(r: dict) -> None:
+    print(results.markdown(r))
+
+
 BENCHES = {"retrieval": (bench_retrieval, _print_retrieval), "attacks": (bench_attacks, _print_attacks),
-           "cg": (bench_cg, _print_cg)}
+           "cg": (bench_cg, _print_cg), "toap": (bench_toap, _print_toap)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,9 +233,10 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=sorted(BENCHES))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--parts", nargs="+", choices=results.PARTS, help="toap: only these parts of the results run")
     args = p.parse_args(argv)
     run, show = BENCHES[args.what]
-    result = run()
+    result = run(args.parts) if args.what == "toap" else run()
     if args.json:
         print(json.dumps(result, indent=1))
     else:

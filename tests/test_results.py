@@ -1,0 +1,107 @@
+"""The results run's pieces (toap_kit.results): photo protection, engines, tiers, targets, tables."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from toap_kit import data, postprocess, results, toap, zoo
+from toap_kit.perturbation import Perturbation
+
+
+def _pert(eps=8 / 255, surrogates=("vgg_dpsh_32",), name="toap-mid"):
+    delta = eps * torch.sign(torch.randn(3, 112, 112, generator=torch.Generator().manual_seed(0)))
+    return Perturbation(delta, eps, {"method": "toap", "surrogates": list(surrogates), "name": name})
+
+
+def test_protect_photo_touches_only_the_face_box():
+    photo = torch.rand(3, 300, 200, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
+    out = results.protect_photo(photo, _pert(), (150, 250, 80))  # box partly outside the photo
+    changed = (out != photo).any(0)
+    assert changed[250:, 150:].float().mean() > 0.9 and not changed[:250].any() and not changed[:, :150].any()
+    assert float((out - photo).abs().max()) <= 8 / 255 + 1e-6 and tuple(out.shape) == (3, 300, 200)
+    assert torch.equal(photo, photo.clone())  # the input is not modified
+    x0, y0, s, found = data.face_box(data.load_faceset("photos250", 250).images[0])
+    assert found and 60 < s < 250
+
+
+def test_shared_dlib_network_gives_the_same_codes():
+    faces = data.load_faceset("lfw158", 112).images[:6]
+    plain = {n: zoo.load(n).encode(faces) for n in ("dlib_itq_32", "dlib_itq_64")}
+    shared = results._victims(["dlib_itq_32", "dlib_itq_64"])
+    assert shared["dlib_itq_32"].net is shared["dlib_itq_64"].net
+    for n, m in shared.items():
+        assert torch.equal(m.encode(faces), plain[n])
+
+
+def test_purified_engine_hashes_the_purified_image():
+    m = zoo.load("vgg_dpsh_32")
+    x = data.load_faceset("lfw158", 112).images[:4]
+    assert torch.equal(results.Purified(m, "jpeg:50").encode(x), m.encode(postprocess.apply(x, "jpeg:50")))
+
+
+def test_rows_name_their_tier():
+    r = results._row(_pert(surrogates=["vgg_dpsh_32", toap.DLIB_SURROGATE]), "toap-mid", "dlib_itq_64", "query",
+                     "jpeg:75", 0.5, 0.1, 33.0, 0.95)
+    assert r["tier"] == "engine-known-backbone" and r["role"] == "victim" and math.isclose(r["rel_drop"], 0.8)
+    assert set(r) >= {"method", "perturbation", "eps", "surrogates", "victim", "role", "tier", "setting", "post",
+                      "map_clean", "map_after", "rel_drop", "psnr", "ssim"}
+    assert results._row(None, "noise", "mobilenet_csq_32", "query", "none", 0.1, 0.1, 30, 0.8,
+                        method="noise")["tier"] == "cnn-blackbox"
+
+
+def _fake(drops: dict) -> dict:
+    rows = []
+    for (pname, victim, post), d in drops.items():
+        surr = ["vgg_dpsh_32"] + ([toap.DLIB_SURROGATE] if pname in ("toap-mid", "uap-mid") else [])
+        rows.append(results._row(_pert(surrogates=surr, name=pname), pname, victim, "query", post, 0.5, 0.5 * (1 - d),
+                                 33.0, 0.95))
+    return {"rows": rows, "fast": True, "protocol": "p", "seconds": 60, "limits": [], "tradeoff": []}
+
+
+def test_targets_are_computed_not_assumed():
+    good = _fake({("toap-mid-cnn", "mobilenet_csq_32", "jpeg:75"): 0.7, ("uap-mid-cnn", "mobilenet_csq_32", "jpeg:75"): 0.3,
+                  ("toap-mid-cnn", "mobilenet_csq_32", "none"): 0.8, ("uap-mid-cnn", "mobilenet_csq_32", "none"): 0.6})
+    t = {x["target"]: x for x in results.targets(good)}
+    key = "cnn-blackbox: mean victim mAP after JPEG q75, x clean (toap-mid-cnn)"
+    assert t[key]["met"] and math.isclose(t[key]["measured"], 0.3)
+    assert t["cnn-blackbox: TOAP - UAP relative drop, JPEG q75"]["met"]
+    # the UAP loses 0.3 to JPEG q75, TOAP 0.1 <= 0.15: met; make TOAP lose 0.2 and it is not
+    rob = [x for x in t.values() if x["target"].startswith("robustness: toap-mid-cnn")]
+    assert len(rob) == 1 and rob[0]["met"]
+    bad = _fake({("toap-mid-cnn", "mobilenet_csq_32", "jpeg:75"): 0.6, ("uap-mid-cnn", "mobilenet_csq_32", "jpeg:75"): 0.3,
+                 ("toap-mid-cnn", "mobilenet_csq_32", "none"): 0.8, ("uap-mid-cnn", "mobilenet_csq_32", "none"): 0.6})
+    t = {x["target"]: x for x in results.targets(bad)}
+    assert not t[key]["met"] and not [x for x in t.values() if x["target"].startswith("robustness")][0]["met"]
+    md = results.markdown(bad)
+    assert "cnn-blackbox" in md and "**no**" in md
+
+
+def test_write_outputs(tmp_path):
+    r = _fake({("toap-mid-cnn", "mobilenet_csq_32", "jpeg:75"): 0.7, ("uap-mid-cnn", "dlib_itq_64", "none"): 0.2})
+    r["tradeoff"] = [{**x, "eps_levels": 8} for x in r["rows"]]
+    files = results.write(r, tmp_path)
+    assert all(f.is_file() and f.stat().st_size > 0 for f in files)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert (tmp_path / "toap.csv").read_text().splitlines()[0].startswith("method,perturbation,eps,surrogates,victim")
+
+
+def test_fast_bench_keeps_the_json_contract(tmp_path):
+    """``python -m toap_kit.bench toap --json`` in fast mode (a smoke run of every part: it
+    checks the pipeline and the contract, not the claims)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TOAP_FAST": "1"}
+    out = subprocess.run([sys.executable, "-m", "toap_kit.bench", "toap", "--json"], capture_output=True, text=True,
+                         env=env, timeout=1800, check=True).stdout
+    r = json.loads(out)
+    keys = {"method", "perturbation", "eps", "surrogates", "victim", "role", "tier", "setting", "post", "map_clean",
+            "map_after", "rel_drop", "psnr", "ssim"}
+    assert r["rows"] and all(keys <= set(row) for row in r["rows"])
+    assert {row["tier"] for row in r["rows"]} <= set(toap.TIERS)
+    assert {"noise", "pgd", "uap", "toap", *results.ABLATIONS} <= {row["method"] for row in r["rows"]}
+    assert any(row["post"].startswith("photo:") for row in r["rows"]) and r["limits"] and r["tradeoff"]
+    assert all(0 < row["eps"] <= 1 and math.isfinite(row["map_clean"]) for row in r["rows"])
