@@ -287,9 +287,10 @@ def make_sets(faces: FaceSet, distractors: FaceSet, queries: Sequence[int], data
 CROP_SCALE, CROP_SHIFT_UP = 1.32, 0.078
 
 
-def face_box(image: torch.Tensor) -> tuple[int, int, int, bool]:
+def face_box(image: torch.Tensor, detect_side: int = 500) -> tuple[int, int, int, bool]:
     """The square the kit's cropper cuts around the largest face of a ``3 x H x W`` [0, 1]
-    photo (dlib's HOG detector box, scaled and shifted like the shipped crops).
+    photo (dlib's HOG detector box, scaled and shifted like the shipped crops). A photo whose
+    long side exceeds ``detect_side`` is searched on a downscaled copy and the box mapped back.
 
     Returns ``(x0, y0, side, found)`` in pixels (the square may reach outside the photo);
     without a detected face the central square and ``found`` False.
@@ -299,13 +300,17 @@ def face_box(image: torch.Tensor) -> tuple[int, int, int, bool]:
     h, w = image.shape[1:]
     if min(h, w) < 16:
         raise ValueError(f"image too small to hold a face: {w}x{h}")
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    f = min(1.0, detect_side / max(h, w))
+    small = image if f == 1 else torch.nn.functional.interpolate(
+        image[None], size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear", antialias=True,
+        align_corners=False)[0]
+    arr = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     boxes = _face_detector()(np.ascontiguousarray(arr), 1)
     if len(boxes):
         b = max(boxes, key=lambda b: b.area())
-        bw = b.right() - b.left()
+        bw = (b.right() - b.left()) / f
         side = CROP_SCALE * bw
-        cx, cy = (b.left() + b.right()) / 2, (b.top() + b.bottom()) / 2 - CROP_SHIFT_UP * bw
+        cx, cy = (b.left() + b.right()) / 2 / f, (b.top() + b.bottom()) / 2 / f - CROP_SHIFT_UP * bw
     else:
         side = min(h, w)
         cx, cy = w / 2, h / 2

@@ -43,7 +43,7 @@ from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
 __all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "PARTS", "PHOTO_SIDES", "POSTS", "RESULTS_DIR", "TRADEOFF_EPS", "Purified",
-           "annotate_cards", "figures", "limits", "markdown", "photo_rows", "protect_photo", "run", "targets", "tradeoff", "write"]
+           "annotate_cards", "figures", "limits", "markdown", "merge", "photo_rows", "protect_photo", "run", "targets", "tradeoff", "write"]
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
@@ -225,33 +225,37 @@ def _grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[
 
 
 # ------------------------------------------------------------------ trade-off and limits
+def _tradeoff_perturbation(base: str, e: int, data_: tuple, folder: Path, fast: bool = False) -> Perturbation:
+    """The ``base`` recipe (``uap-mid-cnn`` or ``toap-mid-cnn``) at eps ``e``/255, cached in
+    ``folder``. Both methods get 80 steps here (TOAP: 2 rounds of 40; fewer than the shipped
+    recipes, to fit ten trainings in the run) and TOAP no PSNR floor, so the eps-ball alone sets
+    each point's quality."""
+    path = folder / f"{base}-eps{e}"
+    if path.with_suffix(".json").is_file():
+        return Perturbation.load(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {**artifacts.PERTURBATION_SPECS[base], "eps": e}
+    if recipe["method"] == "toap":
+        recipe.update(psnr_floor=10.0, rounds=2, steps_per_round=10 if fast else 40, cg_steps=3 if fast else 10)
+    else:
+        recipe["steps"] = 20 if fast else 80
+    p = artifacts.make_perturbation(recipe, data=data_)
+    p.card["name"] = path.name
+    p.save(path)
+    return p
+
+
 def tradeoff(victims: dict[str, nn.Module], sets: data.RetrievalSets, data_: tuple, folder: Path,
              eps_levels: Sequence[int] = TRADEOFF_EPS, post: str = "jpeg:75", fast: bool = False) -> list[dict]:
-    """Relative drop vs PSNR for TOAP and the UAP (small-CNN surrogates, the ``toap-mid-cnn`` /
-    ``uap-mid-cnn`` recipes) at each eps (8-bit levels), after real ``post``, query setting;
-    the trained perturbations are cached in ``folder``."""
+    """Relative drop vs PSNR for TOAP and the UAP (small-CNN surrogates, see
+    ``_tradeoff_perturbation``) at each eps (8-bit levels), after real ``post``, query setting."""
     rows = []
     for base in ("uap-mid-cnn", "toap-mid-cnn"):
         for e in eps_levels:
-            path = folder / f"{base}-eps{e}"
-            folder.mkdir(parents=True, exist_ok=True)
-            if path.with_suffix(".json").is_file():
-                p = Perturbation.load(path)
-            else:
-                recipe = {**artifacts.PERTURBATION_SPECS[base], "eps": e}
-                if recipe["method"] == "toap":
-                    recipe["psnr_floor"] = 10.0  # no quality cap: the eps-ball alone sets the trade-off
-                sizes = ({"rounds": 2, "steps_per_round": 10, "cg_steps": 3} if recipe["method"] == "toap"
-                         else {"steps": 20}) if fast else {}
-                if recipe["method"] == "uap":
-                    recipe.update(sizes)
-                    sizes = {}
-                p = artifacts.make_perturbation(recipe, data=data_, **sizes)
-                p.card["name"] = path.name
-                p.save(path)
+            p = _tradeoff_perturbation(base, e, data_, folder, fast)
             for vn, m in victims.items():
                 r = evaluate.Evaluator(m, sets)(p.apply, "query", post)
-                rows.append({**_row(p, path.name, vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim),
+                rows.append({**_row(p, p.card["name"], vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim),
                              "eps_levels": e})
     return rows
 
@@ -301,13 +305,14 @@ def limits(perturbations: dict[str, Perturbation], engines: dict[str, Recognizer
 
 
 # ------------------------------------------------------------------ the run
-def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str] = PARTS, eps: float = 8 / 255,
-        pgd_steps: int = 10, seed: int = 0) -> dict:
+def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str] = PARTS,
+        victims: Sequence[str] | None = None, eps: float = 8 / 255, pgd_steps: int = 10, seed: int = 0) -> dict:
     """The whole results run (see the module docstring), or only some of ``PARTS`` (the
     perturbations it trains are cached in ``cache``, default ``results/perturbations``, or
     ``outputs/results-fast/perturbations`` in fast mode, so a stopped run resumes);
     ``fast`` (default: ``TOAP_FAST``) shrinks every size to a CI smoke run that checks the
-    pipeline, not the claims."""
+    pipeline, not the claims. ``victims`` (default: the whole zoo) lets a run be split across
+    processes; ``merge`` joins the parts."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
@@ -324,8 +329,7 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
     data_ = artifacts.perturbation_data()
     if fast:
         data_ = (data_[0][:200], data_[1][:200], data_[2][:16], data_[3] + " (fast: first 200)")
-    names = zoo.names()
-    victims = _victims(names if not fast else ["mobilenet_csq_32", "vgg_dpsh_32", "dlib_itq_32"])
+    victims = _victims(victims or (zoo.names() if not fast else ["mobilenet_csq_32", "vgg_dpsh_32", "dlib_itq_32"]))
     shipped = {n: Perturbation.load(n) for n in ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-low", "toap-mid", "toap-high")
                if n in Perturbation.shipped()}
     ablations = ({n: _ablation(n, data_, cache, fast) for n in ABLATIONS}
@@ -363,6 +367,18 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
     return {"fast": fast, "parts": list(parts), "protocol": proto.describe(), "eps": eps, "pgd_steps": pgd_steps,
             "perturbations": {n: p.card for n, p in {**shipped, **ablations}.items()},
             "rows": rows, "tradeoff": trade, "limits": lim, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def merge(parts: Sequence[dict]) -> dict:
+    """One result from runs over disjoint victims (``run(victims=...)``), as one run would give."""
+    if len({p["fast"] for p in parts}) != 1:
+        raise ValueError("cannot merge a fast run with a full one")
+    out = {**parts[0], "rows": [], "tradeoff": [], "limits": [], "seconds": max(p["seconds"] for p in parts)}
+    for p in parts:
+        for key in ("rows", "tradeoff", "limits"):
+            out[key] += p[key]
+        out["perturbations"] = {**out["perturbations"], **p["perturbations"]}
+    return out
 
 
 # ------------------------------------------------------------------ targets, tables, figures
