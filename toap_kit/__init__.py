@@ -25,11 +25,13 @@ Which module does what (one room per concept):
                   surrogates, alternation with the CG; threat tiers.
 - ``plots``       figures: face grids and retrieval galleries.
 - ``demo``        the Gradio app's Blocks (``build_demo()``).
+- ``results``     TOAP's results run (``make results``): every method x victim x real post-processing
+                  x threat setting with its threat tier, photo rows, trade-off, limits, targets.
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
 from . import (attacks, cg, data, diffproc, evaluate, hashing, models, perturbation, plots, postprocess, recognizer,
-               retrieval, store, teacher, toap, zoo)
+               results, retrieval, store, teacher, toap, zoo)
 from .config import Config, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
@@ -46,6 +48,6 @@ __all__ = [
     "TOAPConfig", "TrainConfig",
     "attacks", "build_model", "cg", "data", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "perturbation",
-    "plots", "postprocess", "pr_curve", "recognizer", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
+    "plots", "postprocess", "pr_curve", "recognizer", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
     "toap", "train_hash_model", "zoo",
 ]

@@ -370,10 +370,12 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
 
 
 def merge(parts: Sequence[dict]) -> dict:
-    """One result from runs over disjoint victims (``run(victims=...)``), as one run would give."""
+    """One result from runs over disjoint victims or parts (``run(victims=..., parts=...)``), as
+    one run would give (``seconds``: the longest of them, as if run side by side)."""
     if len({p["fast"] for p in parts}) != 1:
         raise ValueError("cannot merge a fast run with a full one")
-    out = {**parts[0], "rows": [], "tradeoff": [], "limits": [], "seconds": max(p["seconds"] for p in parts)}
+    out = {**parts[0], "rows": [], "tradeoff": [], "limits": [], "seconds": max(p["seconds"] for p in parts),
+           "parts": [x for x in PARTS if any(x in p["parts"] for p in parts)]}
     for p in parts:
         for key in ("rows", "tradeoff", "limits"):
             out[key] += p[key]
