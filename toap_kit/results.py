@@ -336,20 +336,21 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
                  if "ablations" in parts else {})
     cnn = list(artifacts.CNN_SURROGATES)
     protections: dict[str, tuple] = {}
-    gen = torch.Generator().manual_seed(seed)
-    own = sets.db_images[sets.db_source >= 0]
-    noise, pgd = {}, {}
-    surrogates = list(toap.load_surrogates(cnn).values())
-    for setting, x in (("query", sets.query_images), ("database", own)):
-        n = eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
-        noise[setting] = evaluate.precomputed(x, (x + n).clamp(0, 1))
-        pgd[setting] = evaluate.precomputed(x, x + attacks.pgd(surrogates, x, eps=eps, alpha=eps / 4, steps=pgd_steps))
-    protections["noise"] = ("noise", noise, None, [])
-    protections["pgd-cnn"] = ("pgd", pgd, None, cnn)
-    for n, p in {**shipped, **ablations}.items():
+    if "grid" in parts:  # the baselines and the shipped perturbations
+        gen = torch.Generator().manual_seed(seed)
+        own = sets.db_images[sets.db_source >= 0]
+        noise, pgd = {}, {}
+        surrogates = list(toap.load_surrogates(cnn).values())
+        for setting, x in (("query", sets.query_images), ("database", own)):
+            n = eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
+            noise[setting] = evaluate.precomputed(x, (x + n).clamp(0, 1))
+            pgd[setting] = evaluate.precomputed(x, x + attacks.pgd(surrogates, x, eps=eps, alpha=eps / 4, steps=pgd_steps))
+        protections["noise"] = ("noise", noise, None, [])
+        protections["pgd-cnn"] = ("pgd", pgd, None, cnn)
+        for n, p in shipped.items():
+            protections[n] = (_method(p), p.apply, p, list(p.card["surrogates"]))
+    for n, p in ablations.items():
         protections[n] = (_method(p), p.apply, p, list(p.card["surrogates"]))
-    if "grid" not in parts:
-        protections = {n: v for n, v in protections.items() if n in ablations}
     posts = FAST_POSTS if fast else POSTS
     rows = _grid(protections, victims, sets, posts, DB_POSTS if not fast else ("none",),
                  WHITEBOX_POSTS if not fast else ("none",), eps)
