@@ -88,17 +88,21 @@ class Evaluator:
         self.model, self.sets = model, sets
         self.own = sets.db_source >= 0  # the evaluation identities' photos; distractors stay clean
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._quality: dict[int, tuple[torch.Tensor, float, float]] = {}
 
     def _codes(self, key: tuple, images: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self._cache:
             self._cache[key] = self.model.encode(images())
         return self._cache[key]
 
-    def __call__(self, protect: Protect, setting: str = "query", post: str = "none") -> ProtectionResult:
+    def __call__(self, protect: Protect, setting: str = "query", post: str = "none",
+                 processed: torch.Tensor | None = None) -> ProtectionResult:
         """Retrieval before and after ``protect`` (then ``post``), in threat ``setting``.
 
         The clean baseline sees the same post-processing as the protected photos (a platform
         re-encodes every upload), so the drop measures the protection, not the codec.
+        ``processed``: the protected images already sent through ``post`` (to share that work
+        across several models' evaluators); PSNR/SSIM are computed once per protected tensor.
         """
         if setting not in ("query", "database"):
             raise ValueError(f"setting must be 'query' or 'database', got {setting!r}")
@@ -108,7 +112,7 @@ class Evaluator:
         if protected.shape != original.shape:
             raise ValueError(f"protect() changed the shape {tuple(original.shape)} -> {tuple(protected.shape)}")
         codes_clean = self._codes((setting, post), lambda: postprocess.apply(original, post))
-        codes_prot = self.model.encode(postprocess.apply(protected, post))
+        codes_prot = self.model.encode(postprocess.apply(protected, post) if processed is None else processed)
         if setting == "query":
             db = self._codes(("db",), lambda: sets.db_images)
             d_clean = retrieval.hamming_distance(codes_clean, db)
@@ -125,8 +129,15 @@ class Evaluator:
         return ProtectionResult(
             setting, post, before.map_all, after.map_all, before.map_k, after.map_k,
             (before.map_all - after.map_all) / before.map_all, _anti_retrieval(d_after, *labels),
-            float((codes_clean != codes_prot).float().mean()), psnr(protected, original),
-            ssim(protected, original), float((protected - original).abs().max()))
+            float((codes_clean != codes_prot).float().mean()), *self._psnr_ssim(protected, original),
+            float((protected - original).abs().max()))
+
+    def _psnr_ssim(self, protected: torch.Tensor, original: torch.Tensor) -> tuple[float, float]:
+        """PSNR and SSIM of ``protected`` vs ``original``, once per protected tensor."""
+        key = id(protected)
+        if key not in self._quality or self._quality[key][0] is not protected:
+            self._quality[key] = (protected, psnr(protected, original), ssim(protected, original))
+        return self._quality[key][1:]
 
 
 def evaluate_protection(model: torch.nn.Module, protect: Protect, sets: RetrievalSets,

@@ -206,20 +206,25 @@ def _row(p: Perturbation | None, pname: str, victim: str, setting: str, post: st
 def _grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[str]]], victims: dict[str, nn.Module],
           sets: data.RetrievalSets, posts: Sequence[str], db_posts: Sequence[str], whitebox_posts: Sequence[str],
           eps: float) -> list[dict]:
+    """Every protection x setting x post x victim; each protected set is post-processed once and
+    shared by all victims' evaluators."""
     rows = []
-    total = len(victims) * len(protections)
-    bar = tqdm(total=total, desc="results grid")
-    for vn, model in victims.items():
-        ev = evaluate.Evaluator(model, sets)
-        for pname, (method, protect, p, surrogates) in protections.items():
-            white = vn in surrogates
-            for setting, plist in (("query", whitebox_posts if white else posts),
-                                   ("database", [q for q in db_posts if q in whitebox_posts] if white else db_posts)):
-                for post in plist:
-                    r = ev(protect[setting] if isinstance(protect, dict) else protect, setting, post)
+    evaluators = {vn: evaluate.Evaluator(m, sets) for vn, m in victims.items()}
+    own = sets.db_source >= 0
+    bar = tqdm(total=len(protections) * (len(posts) + len(db_posts)), desc="results grid")
+    for pname, (method, protect, p, surrogates) in protections.items():
+        for setting, plist in (("query", posts), ("database", db_posts)):
+            fn = protect[setting] if isinstance(protect, dict) else protect
+            protected = fn(sets.query_images if setting == "query" else sets.db_images[own])
+            for post in plist:
+                processed = postprocess.apply(protected, post)
+                for vn, ev in evaluators.items():
+                    if vn in surrogates and post not in whitebox_posts:
+                        continue
+                    r = ev(lambda _x: protected, setting, post, processed=processed)
                     rows.append(_row(p, pname, vn, setting, post, r.map_clean, r.map_after, r.psnr, r.ssim,
                                      method=method, eps=eps, surrogates=surrogates))
-            bar.update(1)
+                bar.update(1)
     bar.close()
     return rows
 
