@@ -97,7 +97,6 @@ class Purified(nn.Module):
     def __init__(self, model: nn.Module, spec: str):
         super().__init__()
         self.model, self.spec = model, spec
-        self.bits = getattr(model, "bits", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(postprocess.apply(x.detach(), self.spec))
@@ -255,11 +254,12 @@ def tradeoff(victims: dict[str, nn.Module], sets: data.RetrievalSets, data_: tup
     """Relative drop vs PSNR for TOAP and the UAP (small-CNN surrogates, see
     ``_tradeoff_perturbation``) at each eps (8-bit levels), after real ``post``, query setting."""
     rows = []
+    evaluators = {vn: evaluate.Evaluator(m, sets) for vn, m in victims.items()}  # clean codes once
     for base in ("uap-mid-cnn", "toap-mid-cnn"):
         for e in eps_levels:
             p = _tradeoff_perturbation(base, e, data_, folder, fast)
-            for vn, m in victims.items():
-                r = evaluate.Evaluator(m, sets)(p.apply, "query", post)
+            for vn, ev in evaluators.items():
+                r = ev(p.apply, "query", post)
                 rows.append({**_row(p, p.card["name"], vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim),
                              "eps_levels": e})
     return rows
@@ -295,10 +295,12 @@ def limits(perturbations: dict[str, Perturbation], engines: dict[str, Recognizer
     every image (database and queries) before hashing, and one that fine-tunes its hash layer
     on the protected training faces (``_refit_head``: it knows the perturbation)."""
     rows = []
+    purified = {(vn, spec): evaluate.Evaluator(Purified(engine, spec), sets)  # purified clean database once
+                for vn, engine in engines.items() for spec in purifiers}
     for pname, p in perturbations.items():
         for vn, engine in engines.items():
             for spec in purifiers:
-                r = evaluate.Evaluator(Purified(engine, spec), sets)(p.apply, "query", "none")
+                r = purified[vn, spec](p.apply, "query", "none")
                 rows.append({**_row(p, pname, vn, "query", "none", r.map_clean, r.map_after, r.psnr, r.ssim),
                              "engine": f"purifies with {spec}"})
             refit = _refit_head(engine, train_faces, p.apply(train_faces))
