@@ -7,7 +7,7 @@ Everything it shows comes from the shipped faces and models (``data/``); nothing
 import argparse
 import logging
 
-from toap_kit.demo import build_demo
+from toap_kit.demo import MAX_UPLOAD, build_demo
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -15,4 +15,5 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    build_demo().launch(server_name=args.host, server_port=args.port)
+    # share=False: never a public gradio.live link; uploads above MAX_UPLOAD are refused
+    build_demo().launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)

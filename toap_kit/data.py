@@ -22,19 +22,23 @@ from __future__ import annotations
 import csv
 from functools import lru_cache
 import hashlib
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DATA_DIR",
     "FaceSet",
+    "PIXEL_TOL",
     "Protocol",
     "RetrievalSets",
+    "check_pixels",
     "crop_face",
     "face_box",
     "load_faceset",
@@ -60,31 +64,157 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+PIXEL_TOL = 1e-6
+"""Slack allowed by ``check_pixels`` outside [0, 1] (float rounding)."""
+
+
+def check_pixels(x: torch.Tensor, name: str = "image", ndim: tuple[int, ...] = (3, 4)) -> torch.Tensor:
+    """Check that ``x`` holds pixels the kit can use; return it as float32.
+
+    ``x`` must be a floating-point tensor of shape ``3 x H x W`` or ``N x 3 x H x W`` (the
+    ranks allowed by ``ndim``) with finite values in [0, 1] (up to ``PIXEL_TOL``). Other float
+    dtypes (float64, float16) are converted to float32; ``x`` itself is never modified.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or not floating point (uint8: divide by 255 first).
+        ValueError: wrong shape, NaN or infinite values, or values outside [0, 1]; the message
+            names ``name``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of pixels in [0, 1], got {type(x).__name__}")
+    if not x.is_floating_point():
+        hint = " (uint8 pixels: use x.float() / 255)" if x.dtype == torch.uint8 else ""
+        raise TypeError(f"{name} must be a float tensor with pixels in [0, 1], got dtype {x.dtype}{hint}")
+    shapes = " or ".join("3 x H x W" if n == 3 else "N x 3 x H x W" for n in ndim)
+    if x.ndim not in ndim or x.shape[-3] != 3:
+        raise ValueError(f"{name} must be {shapes}, got shape {tuple(x.shape)}")
+    x = x.float()
+    if x.numel() == 0:
+        return x
+    v = x.detach()
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} has {int((~torch.isfinite(v)).sum())} NaN or infinite values")
+    lo, hi = float(v.min()), float(v.max())
+    if lo < -PIXEL_TOL or hi > 1 + PIXEL_TOL:
+        raise ValueError(f"{name} must have pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
+                         + (" (0..255 pixels: divide by 255)" if hi > 1.5 else ""))
+    return x
+
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, EOFError,
+                  struct.error)
+
+
+def _float_pixels(a: np.ndarray) -> np.ndarray:
+    """``a`` (float pixels, expected in [0, 1]) checked and clipped to [0, 1], as float32."""
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError("the image has NaN or infinite pixels")
+    if a.size and (a.min() < -PIXEL_TOL or a.max() > 1 + PIXEL_TOL):
+        raise ValueError(f"float pixels must be in [0, 1], found [{a.min():.4g}, {a.max():.4g}] "
+                         "(rescale the image to [0, 1] first)")
+    return np.clip(a, 0, 1)
+
+
+def _rgb(a: np.ndarray) -> np.ndarray:
+    """``H x W`` (grey) or ``H x W x C`` pixels as ``H x W x 3`` (alpha dropped)."""
+    if a.ndim == 2:
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
+        return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[:, :, :3]
+    raise ValueError(f"unsupported pixel layout {a.shape}")
+
+
+def _pil_pixels(im: Image.Image) -> np.ndarray:
+    """``H x W x 3`` pixels of a PIL image: uint8 for 8-bit images (Pillow's RGB conversion),
+    float32 in [0, 1] for 16-bit (``I;16*``: divided by 65535; 32-bit ``I`` must hold 16-bit
+    values) and float (``F``: must already be in [0, 1]) images. Pillow reads 16-bit RGB PNGs
+    as 8-bit RGB (the top byte), which is the same scale."""
+    if im.mode == "F":
+        return _rgb(_float_pixels(np.asarray(im)))
+    if im.mode.startswith("I"):
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"integer pixels outside the 16-bit range 0..65535: [{a.min()}, {a.max()}]")
+        return _rgb((a / 65535.0).astype(np.float32))
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _cv2_pixels(path: Path) -> np.ndarray | None:
+    """OpenCV's reading of a file Pillow cannot open (e.g. a float RGB TIFF), as
+    ``_pil_pixels`` gives it; ``None`` if OpenCV cannot read it either. EXIF is not applied."""
+    import cv2
+
+    a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if a is None:
+        return None
+    if a.ndim == 3:
+        a = a[:, :, ::-1] if a.shape[2] == 3 else (a[:, :, [2, 1, 0, 3]] if a.shape[2] == 4 else a)
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(_rgb(a))
+    if a.dtype == np.uint16:
+        return _rgb(a.astype(np.float32) / 65535)
+    if a.dtype in (np.float32, np.float64):
+        return _rgb(_float_pixels(a))
+    raise ValueError(f"unsupported pixel type {a.dtype}")
+
+
+def _decode(path: Path) -> np.ndarray:
+    """The pixels of image file ``path`` upright (EXIF orientation applied), as ``_pil_pixels``
+    gives them. Pillow's decompression-bomb warning (more than ``Image.MAX_IMAGE_PIXELS``
+    pixels) is an error here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                return _pil_pixels(ImageOps.exif_transpose(im))
+        except UnidentifiedImageError:
+            a = _cv2_pixels(path) if path.suffix.lower() in (".tif", ".tiff") else None
+            if a is None:
+                raise
+            return a
+
+
 def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     """Read one image file as a ``3 x H x W`` float tensor in [0, 1].
 
+    The EXIF orientation is applied (a phone photo comes out upright). 8-bit images are read
+    by Pillow; 16-bit images are scaled by 1/65535; float images (``F`` TIFFs, and float RGB
+    TIFFs through OpenCV) must already hold values in [0, 1].
+
     Args:
-        path: image file (anything Pillow reads).
+        path: image file (anything Pillow reads, plus the TIFFs OpenCV reads).
         size: if given, resize to ``size x size`` (Lanczos, as the shipped crops were made).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be decoded as an image (the message names it).
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: the file cannot be decoded as an image, is larger than
+            ``PIL.Image.MAX_IMAGE_PIXELS``, or holds NaN or out-of-range float pixels (the
+            message names it).
     """
     path = Path(path)
+    if size is not None and (isinstance(size, bool) or int(size) != size or size < 1):
+        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None:
-                if size < 1:
-                    raise ValueError(f"size must be >= 1, got {size}")
-                im = im.resize((size, size), Image.LANCZOS)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        arr = _decode(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image {path} is too large to load: {e} (PIL.Image.MAX_IMAGE_PIXELS "
+                         "sets the limit)") from e
+    except _DECODE_ERRORS as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    if arr.dtype == np.uint8:
+        if size is not None:
+            arr = np.asarray(Image.fromarray(arr).resize((int(size), int(size)), Image.LANCZOS))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    if size is not None:  # float pixels: resize each channel as a float image
+        arr = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(arr[:, :, c])).resize(
+            (int(size), int(size)), Image.LANCZOS)) for c in range(3)], axis=2).clip(0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -151,14 +281,14 @@ def load_faceset(name: str = "lfw158", size: int = 112, root: str | Path | None 
 def load_folder(folder: str | Path, size: int = 112) -> FaceSet:
     """Load a user image folder laid out as ``<identity>/<image>``.
 
-    Files whose suffix is not an image suffix are ignored; an unreadable image raises
-    ``ValueError`` naming the file.
+    Files whose suffix is not an image suffix, and folders, are ignored; an unreadable image
+    raises ``ValueError`` naming the file.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     rows = [(str(p.relative_to(folder)), p.parent.name)
-            for p in sorted(folder.glob("*/*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            for p in sorted(folder.glob("*/*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if not rows:
         raise ValueError(f"no images found in {folder} (expected <identity>/<image> files)")
     return _load_rows(folder, rows, size)
@@ -294,9 +424,12 @@ def face_box(image: torch.Tensor, detect_side: int = 500) -> tuple[int, int, int
 
     Returns ``(x0, y0, side, found)`` in pixels (the square may reach outside the photo);
     without a detected face the central square and ``found`` False.
+
+    Raises:
+        TypeError, ValueError: ``image`` is not float pixels in [0, 1] (``check_pixels``) or is
+            smaller than 16 pixels.
     """
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a 3 x H x W image, got {tuple(image.shape)}")
+    image = check_pixels(image, "image", ndim=(3,))
     h, w = image.shape[1:]
     if min(h, w) < 16:
         raise ValueError(f"image too small to hold a face: {w}x{h}")
@@ -322,8 +455,9 @@ def crop_face(image: torch.Tensor, size: int = 112) -> tuple[torch.Tensor, bool]
     faces (``face_box``; borders padded by edge replication).
 
     Returns ``(3 x size x size crop, found)``; without a detected face the central square
-    is used and ``found`` is False.
+    is used and ``found`` is False. Bad pixels raise as in ``face_box``.
     """
+    image = check_pixels(image, "image", ndim=(3,))
     x0, y0, s, found = face_box(image)
     h, w = image.shape[1:]
     pad = max(0, -x0, -y0, x0 + s - w, y0 + s - h)

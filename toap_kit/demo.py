@@ -12,16 +12,20 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import retrieval, zoo
-from .data import crop_face, load_faceset, make_protocol, retrieval_sets
+from .data import check_pixels, crop_face, load_faceset, make_protocol, retrieval_sets
 from .postprocess import from_pil, to_pil
 
-__all__ = ["Engine", "SearchResult", "build_demo", "search_shipped", "search_upload"]
+__all__ = ["Engine", "MAX_UPLOAD", "SearchResult", "build_demo", "search_shipped", "search_upload"]
 
 DISPLAY = 112  # side of the images the demo keeps and shows
+UPLOAD_MAX_SIDE = 2000  # uploads are shrunk to this long side first (12 MP: 0.8 s and ~1/3 the memory, not 2 s)
+MAX_UPLOAD = "20mb"  # Gradio's max_file_size at launch (demo_app.py)
+NO_FACE = "No face was detected: the centre of the photo was used."
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +67,11 @@ class Engine:
 
     def search(self, image: torch.Tensor, model_name: str, k: int = 10,
                identity: str | None = None) -> SearchResult:
-        """Top-``k`` database faces for one ``3 x H x W`` [0, 1] face crop."""
+        """Top-``k`` database faces for one ``3 x H x W`` [0, 1] face crop (float64 is
+        converted; uint8, NaN or out-of-range pixels raise, see ``data.check_pixels``)."""
         if model_name not in self.models:
             raise ValueError(f"unknown model {model_name!r}; choose one of {self.models}")
+        image = check_pixels(image, "query image", ndim=(3,))
         model, index = self._model_and_index(model_name)
         d, i = index.search(model.encode(image[None]), k)
         names = [self.db_names[j] for j in i[0]]
@@ -73,7 +79,12 @@ class Engine:
         return SearchResult(i[0].tolist(), d[0].tolist(), names, correct)
 
     def query(self, n: int) -> tuple[torch.Tensor, str]:
-        """Shipped query ``n``: its image and identity."""
+        """Shipped query ``n`` (an integer; ``2.0`` is accepted, ``2.5`` is not): its image
+        and identity."""
+        whole = isinstance(n, (int, np.integer)) or (isinstance(n, (float, np.floating)) and float(n).is_integer())
+        if isinstance(n, bool) or not whole:
+            raise ValueError(f"query number must be a whole number, got {n!r}")
+        n = int(n)
         if not 0 <= n < len(self.query_names):
             raise IndexError(f"query index must be in 0..{len(self.query_names) - 1}, got {n}")
         return self.sets.query_images[n], self.query_names[n]
@@ -98,16 +109,30 @@ def _summary(res: SearchResult, name: str | None, model: str) -> str:
 
 def search_shipped(engine: Engine, n: int, model_name: str):
     """Callback: shipped query ``n`` -> (query image, top-10 gallery, summary markdown)."""
-    image, name = engine.query(int(n))
+    image, name = engine.query(n)
     res = engine.search(image, model_name, identity=name)
     return to_pil(image), _gallery(engine, res), _summary(res, name, model_name)
 
 
-def search_upload(engine: Engine, photo: Image.Image, model_name: str):
-    """Callback: an uploaded photo (face detected and cropped) -> (crop, gallery, summary)."""
+def search_upload(engine: Engine, photo: Image.Image | None, model_name: str):
+    """Callback: an uploaded photo (turned upright by its EXIF orientation, shrunk to a long
+    side of ``UPLOAD_MAX_SIDE``, face detected and cropped) -> (crop, gallery, summary).
+
+    Raises:
+        ValueError: no photo, or not a PIL image.
+    """
+    if photo is None:
+        raise ValueError("no photo: upload a photo with a face first")
+    if not isinstance(photo, Image.Image):
+        raise ValueError(f"expected a PIL image, got {type(photo).__name__}")
+    photo = ImageOps.exif_transpose(photo).convert("RGB")
+    if max(photo.size) > UPLOAD_MAX_SIDE:
+        r = UPLOAD_MAX_SIDE / max(photo.size)
+        photo = photo.resize((max(1, round(photo.width * r)), max(1, round(photo.height * r))),
+                             Image.LANCZOS, reducing_gap=3.0)
     crop, found = crop_face(from_pil(photo), DISPLAY)
     res = engine.search(crop, model_name)
-    note = "" if found else " No face was detected: the centre of the photo was used."
+    note = "" if found else " " + NO_FACE
     return to_pil(crop), _gallery(engine, res), _summary(res, None, model_name) + note
 
 
@@ -122,12 +147,21 @@ def build_demo(engine: Engine | None = None):
               for i in range(len(engine.query_names))]
 
     def run_shipped(n: int, model_name: str):
-        return search_shipped(engine, n, model_name)
+        try:
+            return search_shipped(engine, n, model_name)
+        except (IndexError, ValueError) as e:
+            raise gr.Error(str(e)) from e
 
     def run_upload(photo, model_name: str):
         if photo is None:
             raise gr.Error("Upload a photo with a face first.")
-        return search_upload(engine, photo, model_name)
+        try:
+            out = search_upload(engine, photo, model_name)
+        except (TypeError, ValueError) as e:
+            raise gr.Error(f"This photo cannot be searched: {e}") from e
+        if NO_FACE in out[2]:
+            gr.Warning(NO_FACE)
+        return out
 
     def on_select(evt: gr.SelectData):
         return evt.index

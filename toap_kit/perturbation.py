@@ -9,14 +9,13 @@ refuses a changed file with a clear error. The same class holds TOAP's result.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data import DATA_DIR
-from .store import load_checked, save_with_card
+from .data import DATA_DIR, check_pixels
+from .store import load_checked, read_card, save_with_card
 
 __all__ = ["PERTURBATION_DIR", "Perturbation"]
 
@@ -34,10 +33,14 @@ class Perturbation:
     """
 
     def __init__(self, delta: torch.Tensor, eps: float, card: dict | None = None):
+        if not isinstance(delta, torch.Tensor) or not delta.is_floating_point():
+            raise TypeError(f"delta must be a float tensor, got {getattr(delta, 'dtype', type(delta).__name__)}")
         if delta.ndim != 3 or delta.shape[0] != 3:
             raise ValueError(f"delta must be 3 x H x W, got {tuple(delta.shape)}")
-        if not 0 < eps <= 1:
+        if not 0 < eps <= 1:  # also rejects NaN
             raise ValueError(f"eps must be in (0, 1], got {eps}")
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError("delta has NaN or infinite values")
         if float(delta.abs().max()) > eps + 1e-6:
             raise ValueError(f"|delta|_inf = {float(delta.abs().max()):.5f} exceeds eps = {eps:.5f}")
         self.delta = delta.detach().clone().float()
@@ -55,10 +58,13 @@ class Perturbation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Protected images ``clamp(x + delta, 0, 1)`` for ``N x 3 x H x W`` (or ``3 x H x W``)
-        images in [0, 1] of any size; ``x`` is not modified."""
-        if x.ndim not in (3, 4) or x.shape[-3] != 3:
-            raise ValueError(f"expected (N x) 3 x H x W pixels, got shape {tuple(x.shape)}")
-        return (x + self.resized(*x.shape[-2:]).to(x.device, x.dtype)).clamp(0, 1)
+        float images in [0, 1] of any size, as float32; ``x`` is not modified.
+
+        Raises:
+            TypeError, ValueError: ``x`` is not finite float pixels in [0, 1] (``check_pixels``).
+        """
+        x = check_pixels(x, "x")
+        return (x + self.resized(*x.shape[-2:]).to(x.device)).clamp(0, 1)
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the tensor file."""
@@ -77,18 +83,30 @@ class Perturbation:
     def load(cls, path_or_name: str | Path) -> "Perturbation":
         """Load from a path (with or without suffix) or the name of a shipped perturbation.
 
+        A bare name (no folder, no suffix, e.g. ``"toap-mid"``) that is not a file here is
+        looked up in the shipped ones; a path is only ever that path.
+
         Raises:
-            FileNotFoundError: no such perturbation.
-            ValueError: the tensor does not match the card's sha256, or breaks its eps-ball.
+            FileNotFoundError: no such perturbation (the message names the path).
+            ValueError: a damaged card or tensor file, a tensor that does not match the card's
+                sha256, or one that breaks its eps-ball (the message names the file).
         """
         path = Path(path_or_name)
-        if not path.with_suffix(".json").is_file() and (PERTURBATION_DIR / path.name).with_suffix(".json").is_file():
+        bare = isinstance(path_or_name, str) and path.name == path_or_name and not path.suffix
+        if bare and not path.with_suffix(".json").is_file() and (PERTURBATION_DIR / path.name).with_suffix(".json").is_file():
             path = PERTURBATION_DIR / path.name
         card_file, tensor_file = path.with_suffix(".json"), path.with_suffix(".safetensors")
         if not card_file.is_file() or not tensor_file.is_file():
-            raise FileNotFoundError(f"no perturbation at {path} (shipped: {cls.shipped()})")
-        card = json.loads(card_file.read_text())
-        return cls(load_checked(tensor_file, card.get("sha256"))["delta"], card["eps"], card)
+            raise FileNotFoundError(f"no perturbation at {path} (needs {card_file.name} and {tensor_file.name}; "
+                                    f"shipped, by bare name: {cls.shipped()})")
+        card = read_card(card_file, required=("eps", "sha256"))
+        tensors = load_checked(tensor_file, card["sha256"])
+        if "delta" not in tensors:
+            raise ValueError(f"{tensor_file} holds no 'delta' tensor (it has {sorted(tensors)})")
+        try:
+            return cls(tensors["delta"], card["eps"], card)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"perturbation {path} is invalid: {e}") from e
 
     def __repr__(self) -> str:
         return (f"Perturbation(method={self.card.get('method')!r}, eps={self.eps * 255:.1f}/255, "

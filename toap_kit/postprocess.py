@@ -14,10 +14,11 @@ Operations (``apply`` spec syntax in brackets, arguments positional after ``:``)
 - ``resize`` (``"resize:0.5:bilinear"``): down by ``scale`` then back up to the input size;
 - ``resize_max`` (``"resize_max:1080"``): Lanczos down-size so that the long side is at most
   ``max_side`` (never enlarges; changes the output size);
-- ``blur`` (``"blur:1.0"``): Gaussian blur of standard deviation ``sigma`` pixels (OpenCV);
+- ``blur`` (``"blur:1.0"``): Gaussian blur of standard deviation ``sigma`` pixels (OpenCV),
+  ``0 < sigma <= BLUR_MAX_SIGMA``;
 - ``noise`` (``"noise:0.02:7"``): additive Gaussian noise of std ``sigma`` in [0, 1] pixel
-  units, seed ``7``, then rounding to 8 bits;
-- ``median`` (``"median:3"``): median filter of odd ``size`` (Pillow);
+  units, seed ``7`` (an integer >= 0), then rounding to 8 bits;
+- ``median`` (``"median:3"``): median filter of odd ``size`` in 3..``MEDIAN_MAX_SIZE`` (Pillow);
 - ``crop`` (``"crop:0.9"``): central crop keeping ``fraction`` of each side, resized back
   (bicubic) to the input size;
 - a platform profile by name (``"facebook"``, see ``profiles()``): resize to its maximum
@@ -26,7 +27,9 @@ Operations (``apply`` spec syntax in brackets, arguments positional after ``:``)
 
 A spec can also be a record (``{"op": "jpeg", "quality": 75}``) or a ``Profile``;
 ``parse(spec)`` gives the canonical list of records, JSON-serialisable, so a random draw from
-``OpSampler`` can be stored and replayed exactly with ``apply``.
+``OpSampler`` can be stored and replayed exactly with ``apply``. Every argument is checked when
+the spec is parsed (a number where a number belongs, finite, in its range; a flag is one of
+the listed words): a bad spec raises ``ValueError`` naming it, before any image is touched.
 
 ``straight_through(x, spec)`` runs the real operation forward and passes the gradient
 through unchanged (identity) backward, for use inside losses.
@@ -48,7 +51,7 @@ from PIL import Image, ImageFilter
 
 from .data import DATA_DIR, load_image
 
-__all__ = ["OPS", "OpSampler", "Profile", "StraightThrough", "apply", "blur", "calibrate_profiles", "crop",
+__all__ = ["BLUR_MAX_SIGMA", "MEDIAN_MAX_SIZE", "OPS", "OpSampler", "Profile", "StraightThrough", "apply", "blur", "calibrate_profiles", "crop",
            "from_pil", "jpeg", "jpeg_cv2", "median", "noise", "osn_sample", "parse", "profile", "profiles", "psnr", "resize",
            "resize_max", "straight_through", "to_pil", "webp"]
 
@@ -59,6 +62,13 @@ _CV2_SAMPLING = {"444": "IMWRITE_JPEG_SAMPLING_FACTOR_444", "422": "IMWRITE_JPEG
                  "420": "IMWRITE_JPEG_SAMPLING_FACTOR_420"}
 PROFILES_FILE = Path(__file__).resolve().parent / "profiles.json"
 MIN_SIDE = 2
+BLUR_MAX_SIGMA = 50.0
+"""Largest blur sigma in pixels (kernel 301 x 301; about 3 s on a 2000 x 2000 photo)."""
+MEDIAN_MAX_SIZE = 15
+"""Largest median window: Pillow's median costs size**2 per pixel (15: 0.6 s on a 250 x 250
+photo, 99: 20 s)."""
+_FLAG_ON = ("p", "progressive", "true", "yes", "1")
+_FLAG_OFF = ("baseline", "false", "no", "0")
 
 Image_ = Union[torch.Tensor, Image.Image]
 Spec = Union[str, dict, "Profile", Sequence[Any], None]
@@ -107,18 +117,100 @@ def _roundtrip(im: Image.Image, **save) -> Image.Image:
         return dec.convert("RGB")
 
 
-# ---------------------------------------------------------------- the operations
+# ---------------------------------------------------------------- checking arguments
+def _number(v: Any, what: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False,
+            lo_open: bool = False) -> Any:
+    """``v`` (a number, or a number written as text) as a float (an int if ``integer``) in
+    ``[lo, hi]`` (``(lo, hi]`` if ``lo_open``); else ``ValueError`` naming ``what`` and ``v``."""
+    if integer:
+        rule = f"an integer in {lo:g}..{hi:g}" if hi < math.inf else f"an integer >= {lo:g}"
+    else:
+        rule = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if isinstance(v, bool) or not isinstance(v, (int, float, str, np.integer, np.floating)):
+        raise ValueError(f"{what} must be {rule}, got {v!r}")
+    if isinstance(v, (int, np.integer)):
+        n: Any = int(v)
+    else:
+        try:
+            n = int(v) if integer and isinstance(v, str) and v.strip().lstrip("+-").isdigit() else float(v)
+        except ValueError:
+            raise ValueError(f"{what} must be {rule}, got {v!r}") from None
+        if isinstance(n, float) and not math.isfinite(n):
+            raise ValueError(f"{what} must be finite ({rule}), got {v!r}")
+        if integer and isinstance(n, float):
+            if not n.is_integer():
+                raise ValueError(f"{what} must be {rule} (a whole number), got {v!r}")
+            n = int(n)
+    if not ((lo < n if lo_open else lo <= n) and n <= hi):
+        raise ValueError(f"{what} must be {rule}, got {v!r}")
+    return n
+
+
 def _quality(q: Any, name: str = "quality") -> int:
-    if isinstance(q, bool) or not float(q).is_integer() or not 1 <= int(q) <= 100:
-        raise ValueError(f"{name} must be an integer in 1..100, got {q!r}")
-    return int(q)
+    return _number(q, name, 1, 100, integer=True)
 
 
 def _chroma(c: Any) -> str:
+    if isinstance(c, bool) or not isinstance(c, (str, int)):
+        raise ValueError(f"chroma subsampling must be one of {sorted(_SUBSAMPLING)}, got {c!r}")
     c = str(c).replace(":", "")
     if c not in _SUBSAMPLING:
         raise ValueError(f"chroma subsampling must be one of {sorted(_SUBSAMPLING)}, got {c!r}")
     return c
+
+
+def _flag(v: Any, what: str = "progressive") -> bool:
+    """A yes/no argument: a bool, 0/1, or one of the words ``_FLAG_ON`` / ``_FLAG_OFF``."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _FLAG_ON + _FLAG_OFF:
+        return v.strip().lower() in _FLAG_ON
+    raise ValueError(f"{what} must be one of {list(_FLAG_ON)} (on) or {list(_FLAG_OFF)} (off), got {v!r}")
+
+
+def _scale(v: Any) -> float:
+    return _number(v, "resize scale", 0, 1, lo_open=True)
+
+
+def _max_side(v: Any) -> int:
+    return _number(v, "max_side", MIN_SIDE, integer=True)
+
+
+def _blur_sigma(v: Any) -> float:
+    return _number(v, "blur sigma", 0, BLUR_MAX_SIGMA, lo_open=True)
+
+
+def _noise_sigma(v: Any) -> float:
+    return _number(v, "noise sigma", 0, 1)
+
+
+def _seed(v: Any) -> int:
+    return _number(v, "noise seed", 0, integer=True)
+
+
+def _median_size(v: Any) -> int:
+    try:
+        n = _number(v, "median size", 3, MEDIAN_MAX_SIZE, integer=True)
+    except ValueError:
+        n = 0
+    if n % 2 == 0:
+        raise ValueError(f"median size must be an odd integer in 3..{MEDIAN_MAX_SIZE}, got {v!r}")
+    return n
+
+
+def _fraction(v: Any) -> float:
+    return _number(v, "crop fraction", 0, 1, lo_open=True)
+
+
+def _interp(name: Any) -> str:
+    if not isinstance(name, str) or name not in _INTERP:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {name!r}")
+    return name
+
+
+# ---------------------------------------------------------------- the operations
 
 
 def jpeg(x: Image_, quality: int = 75, subsampling: str = "420", progressive: bool = False) -> Image_:
@@ -127,9 +219,9 @@ def jpeg(x: Image_, quality: int = 75, subsampling: str = "420", progressive: bo
 
     Shape: ``N x 3 x H x W`` in [0, 1] -> same (or PIL -> PIL).
     """
-    q, s = _quality(quality), _chroma(subsampling)
+    q, s, prog = _quality(quality), _chroma(subsampling), _flag(progressive)
     return _map(x, lambda im, i: _roundtrip(im, format="JPEG", quality=q, subsampling=_SUBSAMPLING[s],
-                                            progressive=bool(progressive)))
+                                            progressive=prog))
 
 
 def jpeg_cv2(x: Image_, quality: int = 75, subsampling: str = "420") -> Image_:
@@ -160,22 +252,13 @@ def webp(x: Image_, quality: int = 75) -> Image_:
     return _map(x, lambda im, i: _roundtrip(im, format="WEBP", quality=q, method=4))
 
 
-def _interp(name: str) -> int:
-    if name not in _INTERP:
-        raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {name!r}")
-    return _INTERP[name]
-
-
 def resize(x: Image_, scale: float = 0.5, interpolation: str = "bilinear") -> Image_:
     """Down-then-up resize (Pillow): to ``scale`` (0 < scale <= 1) of each side, then back to
     the input size, both with ``interpolation``.
 
     Shape: ``N x 3 x H x W`` in [0, 1] -> same (or PIL -> PIL).
     """
-    scale = float(scale)
-    if not 0 < scale <= 1:
-        raise ValueError(f"resize scale must be in (0, 1], got {scale}")
-    mode = _interp(interpolation)
+    scale, mode = _scale(scale), _INTERP[_interp(interpolation)]
 
     def run(im: Image.Image, i: int) -> Image.Image:
         w, h = im.size
@@ -191,9 +274,7 @@ def resize_max(x: Image_, max_side: int = 1080) -> Image_:
 
     Shape: ``N x 3 x H x W`` -> ``N x 3 x H' x W'`` with ``max(H', W') <= max_side``.
     """
-    if isinstance(max_side, bool) or int(max_side) != max_side or int(max_side) < MIN_SIDE:
-        raise ValueError(f"max_side must be an integer >= {MIN_SIDE}, got {max_side!r}")
-    m = int(max_side)
+    m = _max_side(max_side)
 
     def run(im: Image.Image, i: int) -> Image.Image:
         w, h = im.size
@@ -206,14 +287,12 @@ def resize_max(x: Image_, max_side: int = 1080) -> Image_:
 
 
 def blur(x: Image_, sigma: float = 1.0) -> Image_:
-    """Gaussian blur with standard deviation ``sigma`` (> 0) pixels, kernel 2*ceil(3 sigma)+1,
-    reflected borders (OpenCV ``GaussianBlur``).
+    """Gaussian blur with standard deviation ``sigma`` pixels (``0 < sigma <= BLUR_MAX_SIGMA``),
+    kernel 2*ceil(3 sigma)+1, reflected borders (OpenCV ``GaussianBlur``).
 
     Shape: ``N x 3 x H x W`` in [0, 1] -> same (or PIL -> PIL).
     """
-    sigma = float(sigma)
-    if not sigma > 0:
-        raise ValueError(f"blur sigma must be > 0, got {sigma}")
+    sigma = _blur_sigma(sigma)
     k = 2 * math.ceil(3 * sigma) + 1
     return _map(x, lambda im, i: Image.fromarray(
         cv2.GaussianBlur(np.asarray(im), (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)))
@@ -221,30 +300,28 @@ def blur(x: Image_, sigma: float = 1.0) -> Image_:
 
 def noise(x: Image_, sigma: float = 0.02, seed: int = 0) -> Image_:
     """Additive Gaussian noise of standard deviation ``sigma`` (in [0, 1] pixel units), then
-    clipping and rounding to 8 bits. Image ``i`` of a batch uses the seed ``(seed, i)``.
+    clipping and rounding to 8 bits. Image ``i`` of a batch uses the seed ``(seed, i)``
+    (``seed`` an integer >= 0).
 
     Shape: ``N x 3 x H x W`` in [0, 1] -> same (or PIL -> PIL).
     """
-    sigma = float(sigma)
-    if not 0 <= sigma <= 1:
-        raise ValueError(f"noise sigma must be in [0, 1], got {sigma}")
+    sigma, seed = _noise_sigma(sigma), _seed(seed)
 
     def run(im: Image.Image, i: int) -> Image.Image:
         a = np.asarray(im, dtype=np.float64)
-        a = a + np.random.default_rng([int(seed), i]).normal(0, sigma * 255, a.shape)
+        a = a + np.random.default_rng([seed, i]).normal(0, sigma * 255, a.shape)
         return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
 
     return _map(x, run)
 
 
 def median(x: Image_, size: int = 3) -> Image_:
-    """Median filter of odd window ``size`` (>= 3) through Pillow.
+    """Median filter of odd window ``size`` (3..``MEDIAN_MAX_SIZE``) through Pillow.
 
     Shape: ``N x 3 x H x W`` in [0, 1] -> same (or PIL -> PIL).
     """
-    if isinstance(size, bool) or int(size) != size or int(size) < 3 or int(size) % 2 == 0:
-        raise ValueError(f"median size must be an odd integer >= 3, got {size!r}")
-    return _map(x, lambda im, i: im.filter(ImageFilter.MedianFilter(int(size))))
+    size = _median_size(size)
+    return _map(x, lambda im, i: im.filter(ImageFilter.MedianFilter(size)))
 
 
 def crop(x: Image_, fraction: float = 0.9) -> Image_:
@@ -253,9 +330,7 @@ def crop(x: Image_, fraction: float = 0.9) -> Image_:
 
     Shape: ``N x 3 x H x W`` in [0, 1] -> same (or PIL -> PIL).
     """
-    fraction = float(fraction)
-    if not 0 < fraction <= 1:
-        raise ValueError(f"crop fraction must be in (0, 1], got {fraction}")
+    fraction = _fraction(fraction)
 
     def run(im: Image.Image, i: int) -> Image.Image:
         w, h = im.size
@@ -287,10 +362,13 @@ class Profile:
     def __post_init__(self) -> None:
         if self.encoder not in ("pillow", "opencv"):
             raise ValueError(f"profile {self.name!r}: encoder must be 'pillow' or 'opencv', got {self.encoder!r}")
-        _quality(self.quality)
-        _chroma(self.chroma)
-        if int(self.max_side) < 16:
-            raise ValueError(f"profile {self.name!r}: max_side must be >= 16, got {self.max_side}")
+        try:
+            _quality(self.quality)
+            _chroma(self.chroma)
+            _flag(self.progressive)
+            _number(self.max_side, "max_side", 16, integer=True)
+        except ValueError as e:
+            raise ValueError(f"profile {self.name!r}: {e}") from e
 
     def ops(self) -> list[dict]:
         """The profile as a list of operation records."""
@@ -321,9 +399,12 @@ def _as_profile(which: str | Profile | dict) -> Profile:
     if isinstance(which, Profile):
         return which
     if isinstance(which, dict):
-        return Profile(**{k: v for k, v in which.items() if k != "op"})
+        try:
+            return Profile(**{k: v for k, v in which.items() if k != "op"})
+        except TypeError as e:
+            raise ValueError(f"bad profile record {which!r}: {e}") from e
     table = _load_profiles()
-    if which not in table:
+    if not isinstance(which, str) or which not in table:
         raise ValueError(f"unknown platform profile {which!r}; known: {sorted(table)}")
     return table[which]
 
@@ -333,42 +414,53 @@ def _as_profile(which: str | Profile | dict) -> Profile:
 class _OpDef:
     fn: Callable[..., Image_]
     params: tuple[str, ...]
-    cast: tuple[Callable[[str], Any], ...]
-
-
-def _flag(s: str) -> bool:
-    return str(s).lower() in ("p", "1", "true", "progressive", "yes")
+    cast: tuple[Callable[[Any], Any], ...]
 
 
 OPS: dict[str, _OpDef] = {
-    "jpeg": _OpDef(jpeg, ("quality", "subsampling", "progressive"), (int, str, _flag)),
-    "jpeg_cv2": _OpDef(jpeg_cv2, ("quality", "subsampling"), (int, str)),
-    "webp": _OpDef(webp, ("quality",), (int,)),
-    "resize": _OpDef(resize, ("scale", "interpolation"), (float, str)),
-    "resize_max": _OpDef(resize_max, ("max_side",), (int,)),
-    "blur": _OpDef(blur, ("sigma",), (float,)),
-    "noise": _OpDef(noise, ("sigma", "seed"), (float, int)),
-    "median": _OpDef(median, ("size",), (int,)),
-    "crop": _OpDef(crop, ("fraction",), (float,)),
+    "jpeg": _OpDef(jpeg, ("quality", "subsampling", "progressive"), (_quality, _chroma, _flag)),
+    "jpeg_cv2": _OpDef(jpeg_cv2, ("quality", "subsampling"), (_quality, _chroma)),
+    "webp": _OpDef(webp, ("quality",), (_quality,)),
+    "resize": _OpDef(resize, ("scale", "interpolation"), (_scale, _interp)),
+    "resize_max": _OpDef(resize_max, ("max_side",), (_max_side,)),
+    "blur": _OpDef(blur, ("sigma",), (_blur_sigma,)),
+    "noise": _OpDef(noise, ("sigma", "seed"), (_noise_sigma, _seed)),
+    "median": _OpDef(median, ("size",), (_median_size,)),
+    "crop": _OpDef(crop, ("fraction",), (_fraction,)),
 }
-"""The real operations by name: function, positional parameter names of the spec string."""
+"""The real operations by name: function, positional parameter names of the spec string, and
+the checker of each parameter (text or value in, checked value out, else ``ValueError``)."""
+
+
+def _record(op: Any, args: dict, spec: Any) -> dict:
+    """The canonical record of operation ``op`` with arguments ``args`` (each checked and
+    converted by its ``OPS`` checker); ``ValueError`` naming ``spec`` if one is bad."""
+    if not isinstance(op, str) or op not in OPS:
+        raise ValueError(f"unknown operation {op!r} in {spec!r}; known: {sorted(OPS)} or 'profile'")
+    d = OPS[op]
+    unknown = set(args) - set(d.params)
+    if unknown:
+        raise ValueError(f"operation {op!r} has no parameter(s) {sorted(unknown)}; it takes {d.params}")
+    try:
+        return {"op": op, **{p: c(args[p]) for p, c in zip(d.params, d.cast) if p in args}}
+    except ValueError as e:
+        raise ValueError(f"post-processing spec {spec!r}: {e}") from e
+
+
+def _records(ops: list[dict], spec: Any) -> list[dict]:
+    return [_record(r["op"], {k: v for k, v in r.items() if k != "op"}, spec) for r in ops]
 
 
 def _parse_one(spec: Any) -> list[dict]:
     if spec is None:
         return []
     if isinstance(spec, Profile):
-        return spec.ops()
+        return _records(spec.ops(), spec)
     if isinstance(spec, dict):
         op = spec.get("op")
         if op == "profile":
-            return _as_profile(spec["name"] if "name" in spec and len(spec) <= 2 else spec).ops()
-        if op not in OPS:
-            raise ValueError(f"unknown operation {op!r} in record {spec}; known: {sorted(OPS)} or 'profile'")
-        unknown = set(spec) - {"op"} - set(OPS[op].params)
-        if unknown:
-            raise ValueError(f"operation {op!r} has no parameter(s) {sorted(unknown)}; it takes {OPS[op].params}")
-        return [dict(spec)]
+            return _records(_as_profile(spec["name"] if "name" in spec and len(spec) <= 2 else spec).ops(), spec)
+        return [_record(op, {k: v for k, v in spec.items() if k != "op"}, spec)]
     if isinstance(spec, str):
         if "|" in spec:
             return [r for part in spec.split("|") for r in _parse_one(part.strip())]
@@ -376,7 +468,7 @@ def _parse_one(spec: Any) -> list[dict]:
         if s in ("", "none", "identity"):
             return []
         if s in _load_profiles():
-            return _load_profiles()[s].ops()
+            return _records(_load_profiles()[s].ops(), spec)
         name, *args = s.split(":")
         if name not in OPS:
             raise ValueError(f"unknown post-processing spec {spec!r}; try 'none', 'jpeg:75', 'jpeg:90:444', "
@@ -384,10 +476,7 @@ def _parse_one(spec: Any) -> list[dict]:
         d = OPS[name]
         if len(args) > len(d.params):
             raise ValueError(f"spec {spec!r}: {name} takes at most {len(d.params)} arguments {d.params}")
-        try:
-            return [{"op": name, **{p: c(a) for p, c, a in zip(d.params, d.cast, args)}}]
-        except ValueError as e:
-            raise ValueError(f"spec {spec!r}: bad argument ({e})") from e
+        return [_record(name, dict(zip(d.params, args)), spec)]
     if isinstance(spec, (list, tuple)):
         return [r for part in spec for r in _parse_one(part)]
     raise ValueError(f"a post-processing spec is a string, record, Profile or list, got {type(spec).__name__}")

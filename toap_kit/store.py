@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .data import sha256_file
 
-__all__ = ["load_checked", "save_with_card"]
+__all__ = ["load_checked", "read_card", "save_with_card"]
 
 
 def save_with_card(tensors: dict[str, torch.Tensor], card: dict, folder: str | Path,
@@ -35,10 +36,36 @@ def save_with_card(tensors: dict[str, torch.Tensor], card: dict, folder: str | P
     return weights, card
 
 
+def read_card(path: str | Path, required: tuple[str, ...] = ()) -> dict:
+    """The JSON card at ``path`` as a dict holding at least the keys ``required``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a JSON object or lacks a required key (names the file).
+    """
+    path = Path(path)
+    try:
+        card = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"card {path} is not valid JSON ({e}): the file is damaged") from e
+    if not isinstance(card, dict):
+        raise ValueError(f"card {path} must hold a JSON object, got {type(card).__name__}")
+    missing = [k for k in required if k not in card]
+    if missing:
+        raise ValueError(f"card {path} lacks the field(s) {missing}: the file is damaged or not a card")
+    return card
+
+
 def load_checked(weights: str | Path, sha256: str | None) -> dict[str, torch.Tensor]:
     """The tensors of ``weights`` if the file's sha256 is ``sha256`` (from its card); else
-    ``ValueError``: the file was changed or damaged."""
+    ``ValueError`` naming the file: the card has no checksum, the file was changed or damaged,
+    or it is not a safetensors file."""
+    if not isinstance(sha256, str):
+        raise ValueError(f"the card of {weights} has no sha256 checksum, refusing to load it")
     if sha256_file(weights) != sha256:
         raise ValueError(f"{weights} does not match the sha256 in its card: the file was changed "
                          "or damaged, refusing to load it")
-    return load_file(str(weights))
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read tensor file {weights}: {e}") from e

@@ -35,7 +35,7 @@ from .data import (DATA_DIR, RetrievalSets, load_faceset, make_protocol, make_se
 from .hashing import TrainConfig, make_objective, train_hash_model
 from .models import HashNet, build_model
 from .recognizer import RecognizerHash
-from .store import load_checked, save_with_card
+from .store import load_checked, read_card, save_with_card
 
 __all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "TrainingFaces", "build_zoo", "card", "clean_map", "remeasure_cards", "fit_recognizer",
            "load", "names", "protocol_sets", "random_views", "save", "surrogates", "training_faces", "victims",
@@ -84,11 +84,12 @@ def names(folder: Path = ZOO_DIR) -> list[str]:
 
 
 def card(name: str, folder: Path = ZOO_DIR) -> dict:
-    """The JSON card of model ``name`` as a dict (includes ``role``)."""
+    """The JSON card of model ``name`` as a dict (includes ``role``); ``ValueError`` naming
+    the file if it is damaged."""
     path = folder / f"{name}.json"
     if not path.is_file():
         raise KeyError(f"no model {name!r} in the zoo; available: {names(folder)}")
-    return json.loads(path.read_text())
+    return read_card(path)
 
 
 def surrogates(folder: Path = ZOO_DIR) -> list[str]:
@@ -102,10 +103,20 @@ def victims(folder: Path = ZOO_DIR) -> list[str]:
 
 
 def load(name: str, folder: Path = ZOO_DIR) -> HashNet | RecognizerHash:
-    """Model ``name`` in eval mode, its weights checked against the card's sha256."""
+    """Model ``name`` in eval mode, its weights checked against the card's sha256.
+
+    Raises:
+        KeyError: no such model.
+        ValueError: a damaged card or tensor file (the message names it).
+    """
     c = card(name, folder)
+    recognizer = c.get("backbone") == RecognizerHash.backbone_name
+    need = ("sha256", "backbone", "bits", "input_size") + (("network", "chip_box") if recognizer else ("width",))
+    missing = [k for k in need if k not in c]
+    if missing:
+        raise ValueError(f"card {folder / f'{name}.json'} lacks the field(s) {missing}")
     tensors = load_checked(folder / f"{name}.safetensors", c["sha256"])
-    if c["backbone"] == RecognizerHash.backbone_name:
+    if recognizer:
         net_file = teacher.model_dir() / teacher.DLIB_WEIGHTS
         if sha256_file(net_file) != c["network"]["sha256"]:
             raise ValueError(f"{net_file} is not the network {name} was fitted on (sha256 differs); "
@@ -115,7 +126,10 @@ def load(name: str, folder: Path = ZOO_DIR) -> HashNet | RecognizerHash:
         model.projection.copy_(tensors["projection"])
         return model.eval()
     model = HashNet(c["backbone"], c["bits"], c["input_size"], c["width"])
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ValueError(f"{folder / f'{name}.safetensors'} does not fit its card's model: {e}") from e
     return model.eval()
 
 
