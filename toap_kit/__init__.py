@@ -23,6 +23,10 @@ Which module does what (one room per concept):
                   to imitate the real codecs; its fidelity benchmark and removal fine-tuning.
 - ``toap``        TOAP itself: robust objectives, post-processing draws, meta-learning over
                   surrogates, alternation with the CG; threat tiers.
+- ``protect``     protect your own photos (every face, full resolution, metadata stripped, resumable
+                  batches); the ``toap`` command is ``cli``.
+- ``verify``      what a platform's copy of a protected photo gives away, engine by engine.
+- ``odd_inputs``  a corpus of bad or odd photo files, for the tests and ``bench protect``.
 - ``plots``       figures: face grids and retrieval galleries.
 - ``demo``        the Gradio app's Blocks (``build_demo()``).
 - ``results``     TOAP's results run (``make results``): every method x victim x real post-processing
@@ -30,8 +34,8 @@ Which module does what (one room per concept):
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import (attacks, cg, data, diffproc, evaluate, hashing, models, perturbation, plots, postprocess, recognizer,
-               results, retrieval, store, teacher, toap, zoo)
+from . import (attacks, cg, data, diffproc, evaluate, hashing, models, odd_inputs, perturbation, plots, postprocess,
+               protect, recognizer, results, retrieval, store, teacher, toap, verify, zoo)
 from .config import Config, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
@@ -47,7 +51,7 @@ __all__ = [
     "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
     "TOAPConfig", "TrainConfig",
     "attacks", "build_model", "cg", "data", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
-    "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "perturbation",
-    "plots", "postprocess", "pr_curve", "recognizer", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
-    "toap", "train_hash_model", "zoo",
+    "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "perturbation",
+    "plots", "postprocess", "pr_curve", "protect", "recognizer", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
+    "toap", "train_hash_model", "verify", "zoo",
 ]

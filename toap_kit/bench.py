@@ -4,6 +4,7 @@
     python -m toap_kit.bench attacks [--json]     # baselines: noise, per-image PGD, UAP
     python -m toap_kit.bench cg [--json]          # Compression Generator fidelity to real codecs
     python -m toap_kit.bench toap [--json]        # TOAP vs baselines, every tier (``make results``)
+    python -m toap_kit.bench protect [--json]     # ``toap protect``/``verify`` speed, the odd-input corpus
 
 Every number is measured on the shipped data with the shipped models, on the open-set
 protocol (``toap_kit.data.make_protocol``) unless a column says closed-set.
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +27,8 @@ from .data import load_faceset, make_protocol, retrieval_sets
 from .hashing import ITQ
 from .perturbation import Perturbation
 
-__all__ = ["bench_attacks", "bench_cg", "bench_index", "bench_models", "bench_retrieval", "bench_teacher", "bench_toap",
-           "main"]
+__all__ = ["bench_attacks", "bench_cg", "bench_index", "bench_models", "bench_protect", "bench_retrieval",
+           "bench_teacher", "bench_toap", "main"]
 
 
 def _metrics(q_codes, db_codes, sets, ties: str = "expected") -> retrieval.RetrievalResult:
@@ -224,8 +228,117 @@ def _print_toap(r: dict) -> None:
     print(results.markdown(r))
 
 
+def _median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def _photo(i: int, width: int, height: int):
+    """Shipped photo ``i`` (250x250) upscaled (bicubic) to a ``height`` square, centred on a
+    ``width x height`` canvas of the same photo stretched: a big photo with one real face."""
+    from PIL import Image
+
+    from .odd_inputs import shipped_photo
+
+    small = shipped_photo(i)
+    canvas = small.resize((width, height), Image.BICUBIC)
+    canvas.paste(small.resize((height, height), Image.BICUBIC), ((width - height) // 2, 0))
+    return canvas
+
+
+def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, folder_size: tuple = (1600, 1200)) -> dict:
+    """``toap protect`` and ``toap verify`` on this machine (toap-mid), and the odd-input corpus.
+
+    - ``face_ms``: ``protect_image`` on a 112x112 face crop (no detection: the crop is the face),
+      median of ``n_face``; ``face_detect_ms`` the same with detection;
+    - ``photo_12mp_ms``: a 4000x3000 photo (a shipped photo upscaled), detection included,
+      median of ``n_photo``; ``photo_12mp_file_ms``: the same file to file (decode, protect,
+      JPEG q95 encode, checksums, manifest);
+    - ``folder_100_s``: ``protect_files`` over a folder of ``n_folder`` JPEGs of ``folder_size``
+      (shipped photos upscaled), progress bar on;
+    - ``verify_ms``: ``verify`` of a 250x250 photo against its protected copy, every zoo engine,
+      median of 3 once the engines' database codes are cached (``verify_first_s``: the first
+      call; it encodes the database for each engine the first time on a machine);
+      ``verify_12mp_ms`` the same on the 12-megapixel photo;
+    - ``bad_inputs``: ``odd_inputs.run_odd_inputs`` (counts; each case in ``bad_input_cases``).
+    """
+    from PIL import Image
+
+    from . import odd_inputs, protect, verify
+
+    torch.set_grad_enabled(False)
+    p = protect.load_perturbation()
+    out: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "perturbation": p.card.get("name")}
+    face = odd_inputs.shipped_photo(0).resize((112, 112), Image.LANCZOS)
+    protect.protect_image(face, p)  # loads the detector
+    out["face_ms"] = _median_ms(lambda: protect.protect_image(face, p, detect=False), n_face)
+    out["face_detect_ms"] = _median_ms(lambda: protect.protect_image(face, p), n_face // 4)
+    big = _photo(2, 4000, 3000)
+    out["photo_12mp_faces"] = len(protect.protect_image(big, p).boxes)
+    out["photo_12mp_ms"] = _median_ms(lambda: protect.protect_image(big, p), n_photo)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "one").mkdir()
+        big.save(tmp / "one" / "big.jpg", quality=92)
+        runs = iter(range(n_photo))
+        out["photo_12mp_file_ms"] = _median_ms(lambda: protect.protect_files(
+            [tmp / "one" / "big.jpg"], tmp / f"one-out{next(runs)}", p, progress=False), n_photo)
+        folder = tmp / "folder"
+        folder.mkdir()
+        for i in range(n_folder):
+            _photo(i % 23, *folder_size).save(folder / f"photo{i:03d}.jpg", quality=90)
+        t = time.perf_counter()
+        rows = protect.protect_files([folder], tmp / "folder-out", p, progress=True)
+        out["folder_100_s"] = time.perf_counter() - t
+        out["folder_photos"], out["folder_photo_size"] = len(rows), list(folder_size)
+        out["folder_protected"] = sum(r["status"] == "protected" for r in rows)
+        original = odd_inputs.shipped_photo(3)
+        protected = protect.protect_image(original, p).image
+        t = time.perf_counter()
+        rows = verify.verify(original, protected, perturbation=p)
+        out["verify_first_s"] = time.perf_counter() - t
+        out["verify_engines"] = len(rows)
+        out["verify_ms"] = _median_ms(lambda: verify.verify(original, protected, perturbation=p), 3)
+        big_protected = protect.protect_image(big, p).image
+        out["verify_12mp_ms"] = _median_ms(lambda: verify.verify(big, big_protected, perturbation=p), 3)
+        bad = odd_inputs.run_odd_inputs(tmp / "corpus", p)
+    out["bad_inputs"] = {k: bad[k] for k in ("files", "clear_errors", "correct_results", "crashes",
+                                             "originals_modified", "unexpected")}
+    out["bad_input_cases"] = bad["cases"]
+    return out
+
+
+def _print_protect(r: dict) -> None:
+    print(f"toap protect / verify with {r['perturbation']}, {r['threads']} torch thread(s), {r['cpus']} CPUs")
+    print("| measure | value | target |")
+    print("|---|---|---|")
+    print(f"| protect a 112x112 face (no detection) | {r['face_ms']:.2f} ms | < 5 ms |")
+    print(f"| protect a 112x112 face, with detection | {r['face_detect_ms']:.1f} ms | |")
+    print(f"| protect a 12-megapixel photo, detection included ({r['photo_12mp_faces']} face) | "
+          f"{r['photo_12mp_ms']:.0f} ms | < 500 ms |")
+    print(f"| the same, file to file (decode, JPEG q95 encode, manifest) | {r['photo_12mp_file_ms']:.0f} ms | |")
+    w, h = r["folder_photo_size"]
+    print(f"| a folder of {r['folder_photos']} photos ({w}x{h} JPEG; {r['folder_protected']} protected) | "
+          f"{r['folder_100_s']:.1f} s | |")
+    print(f"| verify, {r['verify_engines']} engines, 250x250 photo (database codes cached) | "
+          f"{r['verify_ms']:.0f} ms | |")
+    print(f"| verify, {r['verify_engines']} engines, 12-megapixel photo | {r['verify_12mp_ms']:.0f} ms | |")
+    print(f"| verify, first call in a process | {r['verify_first_s']:.1f} s | |")
+    b = r["bad_inputs"]
+    print(f"\nbad or odd inputs: {b['files']} cases, {b['clear_errors']} clear errors, {b['correct_results']} "
+          f"correct results, {b['crashes']} crashes, {b['unexpected']} unexpected, "
+          f"{b['originals_modified']} originals modified")
+    for c in r["bad_input_cases"]:
+        print(f"  {c['outcome']:12} {c['case']}: {c['detail'][:100]}")
+
+
 BENCHES = {"retrieval": (bench_retrieval, _print_retrieval), "attacks": (bench_attacks, _print_attacks),
-           "cg": (bench_cg, _print_cg), "toap": (bench_toap, _print_toap)}
+           "cg": (bench_cg, _print_cg), "toap": (bench_toap, _print_toap),
+           "protect": (bench_protect, _print_protect)}
 
 
 def main(argv: list[str] | None = None) -> None:

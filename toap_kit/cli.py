@@ -1,0 +1,206 @@
+"""The ``toap`` command: protect your photos, then check what a platform's copy gives away.
+
+    toap protect INPUT... -o OUTDIR [-m low|mid|high]      # files and folders (recursive)
+    toap verify ORIGINAL UPLOADED [--json]                  # the copy downloaded back from a platform
+    toap verify ORIGINAL PROTECTED --simulate facebook      # a platform profile applied here
+
+``protect`` writes protected copies under OUTDIR keeping names and formats (JPEG at quality 95,
+the quality the kit measured to keep the protection), strips GPS and other EXIF (``--keep-exif``
+keeps it), keeps the colour profile, and records every photo in ``OUTDIR/toap-manifest.jsonl``;
+a rerun skips the photos already done. ``-m/--mode`` and ``-d/--directory`` mean what they
+mean in Fawkes. ``verify`` reports, per search engine of the kit's zoo (with its threat tier),
+the Hamming distance between the two faces' codes and whether the engine still returns the
+person in its top 10, in both threat settings, then one verdict line.
+
+Exit codes: 0 done; 1 a runtime problem (one line on stderr; ``--debug`` shows the traceback)
+or, for ``protect``, at least one photo failed (listed in the summary and the manifest);
+2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import protect, verify
+
+__all__ = ["main"]
+
+log = logging.getLogger("toap_kit")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own usage block is dropped)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="toap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pr = sub.add_parser("protect", help="protect the faces in photos", description=protect_help())
+    pr.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="image files or folders (recursive)")
+    pr.add_argument("-d", "--directory", action="append", type=Path, default=[], metavar="DIR",
+                    help="a folder of photos (as in Fawkes; same as giving it as INPUT)")
+    pr.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                    help="folder for the protected copies (created; never an input's own folder)")
+    strength = pr.add_mutually_exclusive_group()
+    strength.add_argument("-m", "--mode", choices=list(protect.STRENGTHS), default=None,
+                          help=f"strength: low/mid/high = {', '.join(protect.STRENGTHS.values())} "
+                               f"(eps 4/8/12 over 255; default {protect.DEFAULT_STRENGTH})")
+    strength.add_argument("--perturbation", metavar="NAME_OR_PATH",
+                          help="any perturbation: a shipped name "
+                               f"({', '.join(protect.Perturbation.shipped())}) or a file")
+    pr.add_argument("--no-detect", action="store_true",
+                    help="do not detect faces: each image is one face (its central square)")
+    pr.add_argument("--no-face", choices=("skip", "copy"), default="skip",
+                    help="a photo without a face: leave it out (default) or write it unprotected")
+    pr.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                    help=f"quality of JPEG outputs (default {protect.DEFAULT_JPEG_QUALITY}; lower warns)")
+    pr.add_argument("--keep-exif", action="store_true",
+                    help="keep the EXIF block (GPS included!); default: written without EXIF")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    ve = sub.add_parser("verify", help="does a search engine still find the person?", description=verify_help())
+    ve.add_argument("original", type=Path, metavar="ORIGINAL", help="the original, unprotected photo")
+    ve.add_argument("uploaded", type=Path, metavar="UPLOADED",
+                    help="the copy downloaded back from a platform, or the protected photo with --simulate")
+    ve.add_argument("--simulate", metavar="PROFILE",
+                    help="apply a platform profile (facebook, weibo, wechat, ...) or a post-processing "
+                         "spec (jpeg:75) to UPLOADED first")
+    ve.add_argument("--engines", nargs="+", metavar="NAME", help="only these zoo engines (default: all)")
+    which = ve.add_mutually_exclusive_group()
+    which.add_argument("-m", "--mode", choices=list(protect.STRENGTHS), default=None,
+                       help="the strength the photo was protected with (for the threat tiers)")
+    which.add_argument("--perturbation", metavar="NAME_OR_PATH",
+                       help="the perturbation the photo was protected with (default: read from the "
+                            "manifest next to UPLOADED; else the tiers are 'unknown')")
+    ve.add_argument("--json", action="store_true", help="print one JSON object")
+    ve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
+
+
+def protect_help() -> str:
+    return ("Protect every face in photos with a shipped universal perturbation, at full resolution. "
+            "Outputs keep names and formats; GPS and other EXIF are removed unless --keep-exif; "
+            f"JPEG is written at quality {protect.DEFAULT_JPEG_QUALITY}. A manifest "
+            f"({protect.MANIFEST}) lists every photo; a rerun resumes.")
+
+
+def verify_help() -> str:
+    return ("Compare the original photo with the copy a platform serves (or --simulate one): per engine, "
+            "the Hamming distance between the two faces' codes and whether the engine still returns the "
+            "person in its top 10, with the original's face in the database (query setting) or the "
+            "copy's (database setting).")
+
+
+def _setup_logging(debug: bool, quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING,
+                        format="toap: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    logging.captureWarnings(True)
+
+
+def _cmd_protect(args: argparse.Namespace) -> int:
+    inputs = list(args.inputs) + list(args.directory)
+    p = protect.load_perturbation(args.perturbation, args.mode)
+    rows = protect.protect_files(inputs, args.output, p, detect=not args.no_detect, no_face=args.no_face,
+                                 jpeg_quality=args.jpeg_quality, keep_exif=args.keep_exif,
+                                 progress=not (args.no_progress or args.quiet))
+    failed = sum(r["status"] == "error" for r in rows)
+    if not args.quiet:
+        info = protect._perturbation_info(p)
+        print(f"perturbation {info['perturbation']} (eps {info['eps_255']:g}/255, sha256 "
+              f"{info['perturbation_sha256'][:12]}); manifest {Path(args.output) / protect.MANIFEST}")
+        print(protect.summarize(rows, args.output))
+    return 1 if failed else 0
+
+
+def _perturbation_for(path: Path) -> str | None:
+    """The perturbation named in a ``toap protect`` manifest for the file ``path`` (matched by
+    sha256 in the manifests of its folder and up to three folders above), or None."""
+    try:
+        sha = protect.sha256_file(path)
+    except OSError:
+        return None
+    folder = path.resolve().parent
+    for d in [folder, *list(folder.parents)[:3]]:
+        for row in protect.read_manifest(d / protect.MANIFEST):
+            if row.get("output_sha256") == sha and row.get("perturbation"):
+                return row["perturbation"]
+    return None
+
+
+def _open(path: Path):
+    try:
+        return protect.open_photo(path)[0]
+    except protect.ProtectError as e:
+        raise protect.ProtectError(f"{path}: {e}") from None
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from . import postprocess
+
+    original, uploaded = (_open(args.original), _open(args.uploaded))
+    if args.simulate:
+        try:
+            uploaded = postprocess.apply(protect._upright(uploaded, []).convert("RGB"), args.simulate)
+        except ValueError as e:
+            raise protect.ProtectError(f"--simulate {args.simulate}: {e}") from None
+    name = args.perturbation or (protect.STRENGTHS[args.mode] if args.mode else _perturbation_for(args.uploaded))
+    rows = verify.verify(original, uploaded, engines=args.engines, perturbation=name)
+    verdict = verify.verdict(rows)
+    if args.json:
+        print(json.dumps({"original": str(args.original), "uploaded": str(args.uploaded), "simulate": args.simulate,
+                          "perturbation": name, "rows": rows, "verdict": verdict}, indent=1))
+        return 0
+    first = rows[0] if rows else {}
+
+    def face(key: str) -> str:
+        return "face found" if first.get(key) else "NO face found: its central square was used"
+
+    print(f"original: {args.original} ({face('face_found_original')})")
+    print(f"uploaded: {args.uploaded}{f' after --simulate {args.simulate}' if args.simulate else ''} "
+          f"({face('face_found_uploaded')})")
+    print(f"perturbation: {name or 'unknown (pass -m or --perturbation for the threat tiers)'}")
+    print("found = still in the engine's top 10 (ties in random order, more likely than not); query: the copy "
+          "searches, the original is in the database; database: the reverse")
+    head = f"{'engine':22} {'tier':22} {'hamming':>9} {'query':>14} {'database':>14}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        q = f"{'FOUND' if r['found_top10_query'] else 'no'} ({r['p_top10_query']:.2f})"
+        d = f"{'FOUND' if r['found_top10_database'] else 'no'} ({r['p_top10_database']:.2f})"
+        print(f"{r['engine']:22} {r['tier']:22} {r['hamming']:>4}/{r['bits']:<4} {q:>14} {d:>14}")
+    print(verdict)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``toap``; returns the exit code (the console script exits with it)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "protect" and not (args.inputs or args.directory):
+        parser.error("protect: no input: give photos or folders (INPUT... or -d DIR)")
+    _setup_logging(args.debug, getattr(args, "quiet", False))
+    try:
+        return _cmd_protect(args) if args.command == "protect" else _cmd_verify(args)
+    except KeyboardInterrupt:
+        print("toap: interrupted (a rerun resumes where this one stopped)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for people, the traceback with --debug
+        if args.debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, (protect.ProtectError, OSError)):
+            msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
+        print(f"toap: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

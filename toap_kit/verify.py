@@ -1,0 +1,193 @@
+"""Check what a platform's copy of a protected photo gives away: ``verify``.
+
+    >>> from toap_kit import verify
+    >>> rows = verify.verify(Image.open("me.jpg"), Image.open("from-facebook.jpg"), perturbation="toap-mid")
+    >>> verify.verdict(rows)
+
+Per engine (every zoo model, the real-recognizer engines ``dlib_itq_*`` included), with its
+threat tier: the Hamming distance between the codes of the two faces, and whether the shipped
+database still returns the person in the top 10 in both threat settings. The command line is
+``toap verify`` (``toap_kit.cli``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import zoo
+from .config import OUTPUT_DIR
+from .data import DATA_DIR
+from .perturbation import PERTURBATION_DIR, Perturbation
+from .protect import TMP_TAG, ProtectError, _upright, face_crop
+
+__all__ = ["CACHE_DIR", "verdict", "verify"]
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = OUTPUT_DIR / "verify-cache"
+"""``verify`` keeps each engine's codes of the shipped database here (git-ignored ``outputs/``)."""
+
+
+@lru_cache(maxsize=1)
+def _shared_engine():
+    from .demo import Engine
+
+    return Engine()
+
+
+@lru_cache(maxsize=None)
+def _model(name: str):
+    return zoo.load(name)
+
+
+def _cache_file(name: str) -> Path:
+    """Where the codes of the shipped database under engine ``name`` are kept: the name holds a
+    hash of the model's card sha256 and of the face sets' manifests, so a changed model or
+    changed data never reads stale codes."""
+    from .demo import DISPLAY
+
+    h = hashlib.sha256(f"{zoo.card(name)['sha256']} {DISPLAY} open-set seed 0".encode())
+    for face_set in ("lfw158", "distractors"):
+        h.update((DATA_DIR / face_set / "manifest.csv").read_bytes())
+    return CACHE_DIR / f"{name}-{h.hexdigest()[:16]}.npy"
+
+
+def _db_codes(name: str, engine=None) -> np.ndarray:
+    """``N x bits`` int8 codes of the shipped database (``demo.Engine``'s: the open-set
+    protocol's database) under engine ``name``, from ``CACHE_DIR`` or encoded once and saved
+    there (a dlib engine takes about a minute on 2 cores; the cache makes later runs instant)."""
+    f = _cache_file(name)
+    if f.is_file():
+        try:
+            return np.load(f, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            log.warning("ignoring a broken cache file %s: %s", f, e)
+    eng = engine or _shared_engine()
+    log.info("encoding the shipped database with %s (once; cached in %s)", name, CACHE_DIR)
+    with torch.no_grad():
+        codes = _model(name).encode(eng.sets.db_images).numpy().astype(np.int8)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}{TMP_TAG}{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            np.save(fh, codes, allow_pickle=False)
+        os.replace(tmp, f)
+    except OSError as e:
+        log.warning("cannot cache the database codes in %s: %s", f.parent, e)
+    return codes
+
+
+def _rank(distances: np.ndarray, d: int, k: int) -> tuple[float, float]:
+    """Tie-aware position of a new database item at Hamming distance ``d`` among ``distances``
+    (the rest of the database): ``(probability it lands in the top k, expected rank)`` when
+    ties are ordered at random (the kit's tie-aware metrics)."""
+    less, equal = int((distances < d).sum()), int((distances == d).sum())
+    return float(np.clip((k - less) / (equal + 1), 0, 1)), less + 1 + equal / 2
+
+
+def _surrogates(perturbation: str | Perturbation | None) -> list[str] | None:
+    if perturbation is None:
+        return None
+    if isinstance(perturbation, Perturbation):
+        return list(perturbation.card.get("surrogates", []))
+    card = Path(perturbation).with_suffix(".json")
+    if not card.is_file():
+        card = (PERTURBATION_DIR / Path(perturbation).name).with_suffix(".json")
+    if not card.is_file():
+        raise ProtectError(f"no perturbation {perturbation!r} (shipped: {', '.join(Perturbation.shipped())})")
+    return list(json.loads(card.read_text()).get("surrogates", []))
+
+
+def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | None = None,
+           perturbation: str | Perturbation | None = None, *, engine=None, k: int = 10) -> list[dict]:
+    """Does a face search engine still find the person of ``original`` from ``uploaded``?
+
+    The face of each photo is detected and cropped as the kit's engines do (``face_crop``:
+    ``data.crop_face``'s square, largest face; without a face, the central square, and
+    ``face_found_*`` is False). Per engine (default: every zoo model, the two
+    real-recognizer engines ``dlib_itq_*`` included):
+
+    - ``hamming``: Hamming distance between the codes of the two faces (of ``bits``);
+    - query setting (the uploaded copy is what a stranger searches with): the original clean
+      face is added to the shipped database (58 unseen people + 2,000 others) as a new
+      identity; ``found_top10_query`` is True when the uploaded face's top-``k`` more likely
+      than not (ties in random order: ``p_top10_query`` >= 0.5) contains it;
+    - database setting (the uploaded copy is what a crawler stored): the uploaded face is
+      added to the database and the original clean face is the query (``found_top10_database``).
+
+    The database holds the very same photo, not another photo of the person: the easiest match
+    there is, so "not found" is strong evidence and "found" may overstate what a search with
+    another photo would give.
+
+    Args:
+        original, uploaded: PIL photos (EXIF orientation applied here).
+        engines: zoo model names (default all).
+        perturbation: name/path or ``Perturbation`` the photo was protected with, for each
+            engine's threat tier (``toap.threat_tier`` on its card's surrogates); None: "unknown".
+        engine: a ``demo.Engine`` whose database to encode when ``CACHE_DIR`` has no codes yet
+            (default: one shared per process, built only then).
+        k: the top-k size.
+
+    Returns:
+        One row per engine: ``engine, role, tier, bits, hamming, found_top10_query,
+        p_top10_query, rank_query, found_top10_database, p_top10_database, rank_database,
+        protected`` (not found in either setting), ``face_found_original``,
+        ``face_found_uploaded``.
+
+    Raises:
+        ProtectError: unknown engine or perturbation, or a photo under 16 px a side.
+    """
+    from .toap import threat_tier  # imported here: toap pulls in the training stack
+
+    models = zoo.names()
+    names = list(engines) if engines else models
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise ProtectError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(models)}")
+    surrogates = _surrogates(perturbation)
+    crops = []
+    for what, im in (("original", original), ("uploaded", uploaded)):
+        im = _upright(im, [])
+        if min(im.size) < 16:
+            raise ProtectError(f"the {what} photo is too small to hold a face: {im.size[0]}x{im.size[1]}")
+        crops.append(face_crop(im))
+    (a, found_a), (b, found_b) = crops
+    rows = []
+    for name in names:
+        db = _db_codes(name, engine)
+        with torch.no_grad():
+            codes = _model(name).encode(torch.stack([a, b])).numpy().astype(np.int8)
+        bits = int(codes.shape[1])
+        ham = int((codes[0] != codes[1]).sum())
+        pq, rq = _rank((db != codes[1]).sum(1), ham, k)  # query setting: the uploaded face searches, original added
+        pd, rd = _rank((db != codes[0]).sum(1), ham, k)  # database setting: the original searches, uploaded added
+        rows.append({"engine": name, "role": zoo.card(name)["role"],
+                     "tier": "unknown" if surrogates is None else threat_tier(surrogates, name),
+                     "bits": bits, "hamming": ham,
+                     "found_top10_query": pq >= 0.5, "p_top10_query": round(pq, 4), "rank_query": rq,
+                     "found_top10_database": pd >= 0.5, "p_top10_database": round(pd, 4), "rank_database": rd,
+                     "protected": pq < 0.5 and pd < 0.5, "face_found_original": found_a,
+                     "face_found_uploaded": found_b})
+    return rows
+
+
+def verdict(rows: list[dict]) -> str:
+    """One line: on how many engines the person is no longer in the top 10 in either setting."""
+    if not rows:
+        return "NO RESULT: no engine was checked."
+    safe = [r for r in rows if r["protected"]]
+    found = [f"{r['engine']} ({r['tier']})" for r in rows if not r["protected"]]
+    if len(safe) == len(rows):
+        return f"PROTECTED: none of the {len(rows)} engines returns this person in its top 10 in either setting."
+    if not safe:
+        return f"NOT PROTECTED: all {len(rows)} engines still return this person in their top 10."
+    return (f"PARTLY PROTECTED: {len(safe)} of {len(rows)} engines no longer return this person in their top 10; "
+            f"still found by {', '.join(found)}.")
