@@ -105,3 +105,25 @@ def test_fast_bench_keeps_the_json_contract(tmp_path):
     assert {"noise", "pgd", "uap", "toap", *results.ABLATIONS} <= {row["method"] for row in r["rows"]}
     assert any(row["post"].startswith("photo:") for row in r["rows"]) and r["limits"] and r["tradeoff"]
     assert all(0 < row["eps"] <= 1 and math.isfinite(row["map_clean"]) for row in r["rows"])
+
+
+def test_grid_journal_resumes_without_measuring_again(tmp_path):
+    faces, dis = data.load_faceset("lfw158", 112), data.load_faceset("distractors", 112)
+    sets = data.retrieval_sets(data.make_protocol(faces, len(dis)), faces, dis).subset(6, 40)
+    victims = {"mobilenet_csq_32": zoo.load("mobilenet_csq_32")}
+    p = _pert()
+    journal = tmp_path / "journal.jsonl"
+    args = (victims, sets, ("none", "jpeg:75"), ("none",), ("none",), 8 / 255)
+    first = results._grid({"toap-mid": ("toap", p.apply, p, ["vgg_dpsh_32"])}, *args, journal=journal)
+    assert len(first) == 3 and len(journal.read_text().splitlines()) == 3
+
+    def never(x):
+        raise AssertionError("a journalled item was measured again")
+
+    again = results._grid({"toap-mid": ("toap", never, p, ["vgg_dpsh_32"])}, *args, journal=journal)
+    assert again == first
+    with open(journal, "a") as f:
+        f.write('{"key": "half a line')  # a run killed while writing
+    other = _pert(eps=4 / 255)  # another perturbation (another sha256) is measured, not read back
+    rows = results._grid({"toap-mid": ("toap", other.apply, other, ["vgg_dpsh_32"])}, *args, journal=journal)
+    assert len(rows) == 3 and rows != first

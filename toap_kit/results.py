@@ -202,27 +202,62 @@ def _row(p: Perturbation | None, pname: str, victim: str, setting: str, post: st
             "psnr": psnr, "ssim": ssim}
 
 
+def _journal_read(journal: Path | None) -> dict[str, list[dict]]:
+    """Rows already measured by an earlier, stopped run (``_grid``'s journal), by item key; a
+    half-written last line is ignored."""
+    done: dict[str, list[dict]] = {}
+    if journal is not None and journal.is_file():
+        for line in journal.read_text().splitlines():
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[item["key"]] = item["rows"]
+    return done
+
+
 def _grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[str]]], victims: dict[str, nn.Module],
           sets: data.RetrievalSets, posts: Sequence[str], db_posts: Sequence[str], whitebox_posts: Sequence[str],
-          eps: float) -> list[dict]:
+          eps: float, journal: Path | None = None, baseline_id: str = "") -> list[dict]:
     """Every protection x setting x post x victim; each protected set is post-processed once and
-    shared by all victims' evaluators."""
+    shared by all victims' evaluators. With ``journal`` (a JSON-lines file) every finished
+    protection x setting x post is appended to it, and a rerun reads those back instead of
+    measuring them again: its key holds a sha256 of the perturbation's delta (``baseline_id`` for the
+    baselines), the victims' sha256 and the sets' sizes, so a changed input is measured anew."""
     rows = []
     evaluators = {vn: evaluate.Evaluator(m, sets) for vn, m in victims.items()}
     own = sets.db_source >= 0
+    done = _journal_read(journal)
+    stamp = [sorted((vn, zoo.card(vn)["sha256"]) for vn in victims), len(sets.query_images), len(sets.db_images)]
     bar = tqdm(total=len(protections) * (len(posts) + len(db_posts)), desc="results grid")
     for pname, (method, protect, p, surrogates) in protections.items():
+        ident = (hashlib.sha256(p.delta.numpy().tobytes()).hexdigest() if p is not None
+                 else f"{pname}:{baseline_id}")
         for setting, plist in (("query", posts), ("database", db_posts)):
-            fn = protect[setting] if isinstance(protect, dict) else protect
-            protected = fn(sets.query_images if setting == "query" else sets.db_images[own])
+            protected = None
             for post in plist:
+                key = hashlib.sha256(json.dumps([pname, ident, setting, post, stamp]).encode()).hexdigest()
+                if key in done:
+                    rows += done[key]
+                    bar.update(1)
+                    continue
+                if protected is None:  # computed once per setting, only if some item needs it
+                    protected = protect(sets.query_images if setting == "query" else sets.db_images[own])
                 processed = postprocess.apply(protected, post)
+                item = []
                 for vn, ev in evaluators.items():
                     if vn in surrogates and post not in whitebox_posts:
                         continue
                     r = ev(lambda _x: protected, setting, post, processed=processed)
-                    rows.append(_row(p, pname, vn, setting, post, r.map_clean, r.map_after, r.psnr, r.ssim,
+                    item.append(_row(p, pname, vn, setting, post, r.map_clean, r.map_after, r.psnr, r.ssim,
                                      method=method, eps=eps, surrogates=surrogates))
+                rows += item
+                if journal is not None:
+                    journal.parent.mkdir(parents=True, exist_ok=True)
+                    with open(journal, "a") as f:
+                        f.write(json.dumps({"key": key, "rows": item}) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
                 bar.update(1)
     bar.close()
     return rows
@@ -344,14 +379,15 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
     cnn = list(artifacts.CNN_SURROGATES)
     protections: dict[str, tuple] = {}
     if "grid" in parts:  # the baselines and the shipped perturbations
-        gen = torch.Generator().manual_seed(seed)
-        own = sets.db_images[sets.db_source >= 0]
-        noise, pgd = {}, {}
         surrogates = list(toap.load_surrogates(cnn).values())
-        for setting, x in (("query", sets.query_images), ("database", own)):
-            n = eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
-            noise[setting] = evaluate.precomputed(x, (x + n).clamp(0, 1))
-            pgd[setting] = evaluate.precomputed(x, x + attacks.pgd(surrogates, x, eps=eps, alpha=eps / 4, steps=pgd_steps))
+
+        def noise(x: torch.Tensor) -> torch.Tensor:  # one draw per set (called once per setting)
+            gen = torch.Generator().manual_seed(seed + len(x))
+            return (x + eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)).clamp(0, 1)
+
+        def pgd(x: torch.Tensor) -> torch.Tensor:  # computed only when a grid item needs it
+            return x + attacks.pgd(surrogates, x, eps=eps, alpha=eps / 4, steps=pgd_steps)
+
         protections["noise"] = ("noise", noise, None, [])
         protections["pgd-cnn"] = ("pgd", pgd, None, cnn)
         for n, p in shipped.items():
@@ -360,7 +396,9 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
         protections[n] = (_method(p), p.apply, p, list(p.card["surrogates"]))
     posts = FAST_POSTS if fast else POSTS
     rows = _grid(protections, victims, sets, posts, DB_POSTS if not fast else ("none",),
-                 WHITEBOX_POSTS if not fast else ("none",), eps)
+                 WHITEBOX_POSTS if not fast else ("none",), eps,
+                 journal=None if fast else OUTPUT_DIR / "results" / "grid-journal.jsonl",
+                 baseline_id=f"eps {eps}, pgd {pgd_steps} steps, seed {seed}")
     headline = {n: shipped[n] for n in ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-mid") if n in shipped}
     engines = {n: m for n, m in victims.items() if isinstance(m, RecognizerHash)}
     victims_only = {n: m for n, m in victims.items() if zoo.card(n)["role"] == "victim"}
