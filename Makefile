@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: install demo test lab book artifacts bench results clean
+.PHONY: install browser demo test lab book artifacts bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ demo: install  ## launch the Gradio demo on the shipped faces and models
 # Every notebook runs under nbval (fast mode), in reading order.
 NOTEBOOKS ?= $(sort $(wildcard notebooks/*.ipynb))
 
-test: install  ## unit tests + the notebooks (nbval), in fast mode
+# Debian's chromium + its chromedriver for the demo's browser test (never a browser download);
+# where they cannot be installed (no apt-get, not root) the test is skipped with the reason.
+browser:  ## install chromium for the demo's browser test when missing and possible
+	@(command -v chromium && command -v chromedriver) >/dev/null || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver))) || \
+	  echo "no chromium: the demo's browser test will be skipped"
+
+test: install browser  ## unit tests + the notebooks (nbval), in fast mode
 	TOAP_FAST=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax -p no:cacheprovider
 
 lab: install  ## JupyterLab on the notebooks

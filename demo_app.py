@@ -1,8 +1,11 @@
-"""Launch the toap-kit demo: a face photo's results in a deep-hash face search engine.
+"""Launch the toap-kit demo: protect a face photo and see a deep-hash face search engine's top 10
+before and after (``toap_kit.demo.build_demo``).
 
     python demo_app.py [--host 127.0.0.1] [--port 7860]
 
-Everything it shows comes from the shipped faces and models (``data/``); nothing is downloaded.
+Everything it shows comes from the shipped faces, models and perturbations (``data/``); nothing
+is downloaded. It serves on the loopback address only, unless ``--host`` says otherwise; there
+is never a public share link, and uploads above ``MAX_UPLOAD`` are refused.
 """
 import argparse
 import logging

@@ -1,10 +1,28 @@
+"""The demo, three ways: its functions called directly, a ``gradio_client`` round trip against a
+launched app, and a real headless browser (Debian's chromium through selenium) that uploads a
+photo, clicks protect and saves a screenshot to ``outputs/demo-screenshot.png``."""
+import copy
+import os
+import shutil
 import socket
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from toap_kit import demo, zoo
+from toap_kit.config import OUTPUT_DIR
 from toap_kit.data import DATA_DIR
+from toap_kit.odd_inputs import shipped_photos
+from toap_kit.postprocess import to_pil
+from toap_kit.protect import ProtectError
+
+SMALL = "vgg_csq_64"  # a small hash CNN: the app in the round-trip tests answers in well under a second
+PHOTO = DATA_DIR / "photos250" / "George_W_Bush" / "01.jpg"  # an evaluation identity's full photo
+SCREENSHOT = OUTPUT_DIR / "demo-screenshot.png"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
@@ -12,6 +30,15 @@ def engine():
     return demo.Engine()
 
 
+@pytest.fixture(scope="module")
+def small_engine(engine):
+    """The same engine offering two small CNNs only, ``SMALL`` first (the app loads only it)."""
+    small = copy.copy(engine)
+    small.models, small.default_model = [SMALL, "mobilenet_csq_32"], SMALL
+    return small
+
+
+# ------------------------------------------------------------------ the functions
 def test_search_shipped_query_marks_matches(engine):
     image, name = engine.query(0)
     res = engine.search(image, zoo.names()[0], identity=name)
@@ -23,9 +50,9 @@ def test_search_shipped_query_marks_matches(engine):
         engine.query(10_000)
 
 
-def test_default_engine_finds_the_shipped_queries_people(engine):
-    # the demo opens on its best engine: before protection, it must find people
-    assert engine.default_model in engine.models
+def test_default_engine_is_a_real_recognizer_that_finds_the_shipped_queries_people(engine):
+    # the demo opens on dlib_itq_32: before protection, it must find people
+    assert engine.default_model == demo.DEFAULT_ENGINE == "dlib_itq_32"
     hits = []
     for n in range(0, 60, 3):
         image, name = engine.query(n)
@@ -40,22 +67,206 @@ def test_upload_path_crops_and_searches(engine):
     assert len(gallery) == 10 and "unknown" in summary
 
 
+def test_examples_are_evaluation_people_with_other_photos_in_the_database(engine):
+    exs = demo.examples(engine)
+    photos = [e for e in exs if e.kind == "photo"]
+    assert len(photos) == 7 and {e.identity for e in photos} <= set(engine.query_names)
+    assert all(engine.db_names.count(e.identity) >= 1 for e in exs)
+    assert any(e.identity == demo.OPENING_PHOTO for e in photos)
+    assert demo.example_photo(engine, photos[0]).size == (250, 250)
+    face = next(e for e in exs if e.kind == "face")
+    assert demo.example_photo(engine, face).size == (demo.DISPLAY, demo.DISPLAY)
+
+
+def test_engine_labels_name_the_threat_tier():
+    assert demo.engine_label("dlib_itq_32") == (
+        "dlib_itq_32 — engine-known-backbone (protector used dlib's network, not this engine's hash layer)")
+    assert demo.engine_label("vgg_dpsh_32").startswith("vgg_dpsh_32 — whitebox")  # a surrogate of toap-mid
+    assert demo.upload_spec("JPEG", 62.4) == "jpeg:62" and demo.upload_spec("none") == "none"
+    assert demo.upload_spec("facebook") == "facebook"
+    with pytest.raises(ValueError, match="unknown upload"):
+        demo.upload_spec("myspace")
+
+
+def test_protect_and_search_on_a_shipped_photo(engine, tmp_path):
+    photo = Image.open(PHOTO)
+    res = demo.protect_and_search(engine, photo, "mid", SMALL, "jpeg:75", identity="George_W_Bush")
+    assert res.original.size == res.protected.size == res.amplified.size == (250, 250)
+    diff = np.abs(np.asarray(res.protected, np.int16) - np.asarray(res.original, np.int16))
+    assert diff.max() <= 8 and diff.max() > 0, "|protected - original| <= eps = 8/255, and not zero"
+    assert 30 < res.psnr < 45 and 0.8 < res.ssim < 1
+    assert len(res.before.names) == len(res.after.names) == 10
+    assert res.before.correct == [n == "George_W_Bush" for n in res.before.names]
+    assert res.hits_after == sum(res.after.correct) and res.found == (res.hits_after > 0)
+    assert res.verdict.startswith("FOUND" if res.found else "NOT FOUND") and "top 10" in res.verdict
+    assert list(res.timings) == ["find the face", "search before", "protect", "simulate upload", "search after",
+                                 "measure"]
+    assert res.tier == "cnn-teacher-known" and len(res.faces) == 1
+    saved = demo.save_protected(res.protected, tmp_path, "George W. Bush")
+    assert saved.name == "George_W._Bush-protected.jpg" and Image.open(saved).size == (250, 250)
+    assert [p.name for p in tmp_path.iterdir()] == [saved.name], "no temporary file left behind"
+    # a photo of unknown identity: marked against the person its original retrieved most
+    res = demo.protect_and_search(engine, photo, "mid", SMALL, "none")
+    assert not res.identity_known and res.target in res.before.names and "identity is unknown" in res.verdict
+
+
+def test_a_face_crop_example_is_protected_as_a_whole(engine):
+    image, name = engine.query(0)
+    res = demo.protect_and_search(engine, to_pil(image), "low", SMALL, "facebook", identity=name,
+                                  face_crop_input=True)
+    assert res.faces == [(0, 0, demo.DISPLAY)]
+    diff = np.abs(np.asarray(res.protected, np.int16) - np.asarray(res.original, np.int16))
+    assert 0 < diff.max() <= 4
+
+
+def test_the_real_engine_finds_fewer_photos_after_strong_protection(engine):
+    """A guard, not a benchmark: on the 7 shipped photos, toap-high after Facebook's profile
+    leaves dlib_itq_32 fewer photos of the person in its top 10 (measured: 53 before, 29 after)."""
+    before = after = 0
+    for ex in [e for e in demo.examples(engine) if e.kind == "photo"]:
+        res = demo.protect_and_search(engine, demo.example_photo(engine, ex), "high", "dlib_itq_32", "facebook",
+                                      identity=ex.identity)
+        before, after = before + res.hits_before, after + res.hits_after
+    assert after < 0.75 * before, (before, after)
+
+
+def test_several_faces_are_all_protected_and_the_largest_searched(engine):
+    a, b = Image.open(PHOTO).convert("RGB"), Image.open(shipped_photos()[6]).convert("RGB").resize((200, 200))
+    pair = Image.new("RGB", (460, 250), "white")
+    pair.paste(a, (0, 0))
+    pair.paste(b, (260, 25))
+    res = demo.protect_and_search(engine, pair, "mid", SMALL, "none")
+    assert len(res.faces) == 2 and res.notes[0].startswith("2 faces found: all protected")
+    assert res.faces[0][2] >= res.faces[1][2], "largest first"
+
+
+def test_no_face_and_bad_inputs_get_clear_errors(engine):
+    flat = Image.new("RGB", (300, 300), (120, 130, 140))
+    with pytest.raises(ProtectError, match="No face was found"):
+        demo.protect_and_search(engine, flat, "mid", SMALL)
+    with pytest.raises(ProtectError, match="too small"):
+        demo.protect_and_search(engine, Image.new("RGB", (8, 8)), "mid", SMALL)
+    with pytest.raises(ValueError, match="unknown engine"):
+        demo.protect_and_search(engine, flat, "mid", "nope")
+    with pytest.raises(ValueError, match="post-processing spec"):
+        demo.protect_and_search(engine, flat, "mid", SMALL, "jpeg:500")
+    with pytest.raises(ProtectError, match="unknown strength"):
+        demo.protect_and_search(engine, flat, "extreme", SMALL)
+
+
+def test_page_callbacks_turn_bad_files_into_readable_errors(small_engine, tmp_path):
+    import gradio as gr
+
+    app = demo.build_demo(small_engine)
+    protect = next(f.fn for f in app.fns.values() if f.api_name == "protect")
+    junk = tmp_path / "holiday.jpg"
+    junk.write_bytes(b"this is not a photo")
+    with pytest.raises(gr.Error, match="cannot be protected"):
+        protect(str(junk), None, "mid", SMALL, "none", 75)
+    flat = tmp_path / "wall.png"
+    Image.new("RGB", (300, 300), (120, 130, 140)).save(flat)
+    with pytest.raises(gr.Error, match="No face was found"):
+        protect(str(flat), None, "mid", SMALL, "none", 75)
+    with pytest.raises(gr.Error, match="Upload a photo, or pick"):
+        protect(None, None, "mid", SMALL, "none", 75)
+    out = protect(None, 0, "mid", SMALL, "JPEG", 80)  # the first shipped example
+    assert len(out) == 8 and len(out[5]) == len(out[6]) == 10 and "top 10" in out[3]
+    assert "Time per step" in out[4] and Path(out[7]).is_file()
+
+
+# ------------------------------------------------------------------ a launched app
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_gradio_client_round_trip(engine):
-    from gradio_client import Client
-
-    app = demo.build_demo(engine)
+@pytest.fixture(scope="module")
+def app_url(small_engine):
+    app = demo.build_demo(small_engine)
     port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               max_file_size=demo.MAX_UPLOAD)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        shown, gallery, summary = client.predict(3, zoo.names()[0], api_name="/search_shipped")
-        assert len(gallery) == 10
-        assert "of the top 10 are" in summary
+        yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+def test_gradio_client_round_trip(app_url):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    shown, gallery, summary = client.predict(3, SMALL, api_name="/search_shipped")
+    assert len(gallery) == 10 and "of the top 10 are" in summary
+    out = client.predict(handle_file(str(PHOTO)), "high", SMALL, "facebook", 75, api_name="/protect")
+    original, protected, amplified, verdict, metrics, before, after, download = out
+    assert len(before) == len(after) == 10 and "top 10" in verdict and "PSNR" in metrics
+    assert Image.open(download).size == Image.open(original).size == (250, 250)
+    assert [b["caption"] for b in before] != [a["caption"] for a in after]
+
+
+def _browser():
+    """A headless Debian chromium driven through its own chromedriver (never a download)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "1"  # Selenium Manager must not fetch a browser or driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    # no background networking: the sandbox refuses outside connections, many at a time
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--window-size=1400,2300"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def _gallery(driver, elem_id: str) -> list[str]:
+    """Captions of a gallery's thumbnails, in order."""
+    from selenium.webdriver.common.by import By
+
+    return [e.get_attribute("alt") for e in driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} img")]
+
+
+def test_browser_uploads_a_photo_protects_it_and_shows_both_galleries(app_url, small_engine):
+    missing = [n for n, p in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not p or not Path(p).exists()]
+    if missing:
+        reason = (f"{' and '.join(missing)} not installed (`apt-get install -y chromium chromium-driver`; "
+                  "`make test` does it where it can)")
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser test must run in CI: {reason}")
+        pytest.skip(reason)
+    pytest.importorskip("selenium", reason="selenium not installed (pip install -e '.[dev]')")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _browser()
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(app_url)
+        # the page opens on a shipped example with both galleries filled
+        wait.until(lambda d: len(_gallery(d, "before-gallery")) == 10 and len(_gallery(d, "after-gallery")) == 10)
+        opening = driver.find_element(By.ID, "verdict").text
+        assert demo.OPENING_PHOTO.replace("_", " ") in opening
+        driver.find_element(By.CSS_SELECTOR, "#photo-upload input[type=file]").send_keys(str(PHOTO))
+        wait.until(EC.presence_of_element_located(
+            (By.CSS_SELECTOR, f'#photo-upload td.filename[aria-label="{PHOTO.name}"]')))
+        time.sleep(0.5)  # the upload event resets the picked example
+        driver.find_element(By.ID, "protect-button").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "verdict"), "identity is unknown"))
+        wait.until(lambda d: len(_gallery(d, "before-gallery")) == 10 and len(_gallery(d, "after-gallery")) == 10)
+        before, after = _gallery(driver, "before-gallery"), _gallery(driver, "after-gallery")
+        assert before != after, "the protected photo's results must differ from the original's"
+        verdict = driver.find_element(By.ID, "verdict").text
+        assert "top 10" in verdict and verdict != opening
+        driver.execute_script("window.scrollTo(0, 0)")
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(SCREENSHOT)) and SCREENSHOT.stat().st_size > 50_000
+        # clicking a shipped example protects and searches it at once (its identity is known)
+        third = demo.examples(small_engine)[2].identity.replace("_", " ")
+        driver.find_elements(By.CSS_SELECTOR, "#examples button.thumbnail-item")[2].click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "verdict"), third))
+    finally:
+        driver.quit()

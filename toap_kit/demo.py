@@ -1,31 +1,76 @@
-"""The demo's Gradio Blocks: a face photo's top-10 results in a deep-hash face search engine.
+"""The demo: protect a face photo with TOAP and see what a deep-hash face search engine finds
+before and after.
 
-The engine's database is the open-set protocol's database (evaluation identities' photos plus
-2,000 distractors), the people no shipped model was trained on. Pick a shipped query face or
-upload a photo (the largest face is detected and cropped like the shipped crops), choose a
-model, and see the top 10 with Hamming distances, right and wrong matches marked.
+The engine's database is the open-set protocol's database (the evaluation identities' photos
+plus 2,000 distractors): people no shipped model, Compression Generator or perturbation ever
+saw. The page (``build_demo``) opens on a shipped photo with both result galleries filled.
 
-The search functions are plain Python (``Engine.search``) so they can be tested without a
-browser; ``build_demo()`` only wires them to widgets.
+Plain functions, tested without a browser:
+
+- ``Engine``: the database and the zoo models; ``Engine.search(face, model)`` gives the top 10.
+  Each model's database codes come from ``verify``'s on-disk cache (``outputs/verify-cache``),
+  so only the very first launch encodes them (about a minute for a dlib engine on 2 cores).
+- ``protect_and_search(engine, photo, strength, engine_name, upload)``: search with the
+  original's largest face; protect every face (``protect.protect_image``); pass the protected
+  photo through a simulated upload (``postprocess.apply``: ``"none"``, ``"jpeg:75"`` or a
+  platform profile); crop its face again and search. Returns a ``DemoResult``.
+- ``search_shipped`` / ``search_upload``: the plain search of the "Search only" tab.
+
+``build_demo()`` only wires these to Gradio widgets; ``demo_app.py`` launches it.
 """
+
 import logging
-from dataclasses import dataclass
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from . import retrieval, zoo
+from . import postprocess, retrieval, verify, zoo
 from .data import check_pixels, crop_face, load_faceset, make_protocol, retrieval_sets
+from .evaluate import ssim as ssim_of
+from .odd_inputs import shipped_photos
+from .perturbation import Perturbation
 from .postprocess import from_pil, to_pil
+from .protect import (DEFAULT_JPEG_QUALITY, MAX_PIXELS, STRENGTHS, TMP_TAG, ProtectError, face_crop,
+                      load_perturbation, open_photo, protect_image)
+from .toap import threat_tier
 
-__all__ = ["Engine", "MAX_UPLOAD", "SearchResult", "build_demo", "search_shipped", "search_upload"]
+__all__ = ["DEFAULT_ENGINE", "DemoResult", "Engine", "Example", "MAX_UPLOAD", "SearchResult", "TIER_WORDS",
+           "build_demo", "engine_label", "examples", "example_photo", "protect_and_search", "save_protected",
+           "search_shipped", "search_upload", "upload_spec"]
 
-DISPLAY = 112  # side of the images the demo keeps and shows
-UPLOAD_MAX_SIDE = 2000  # uploads are shrunk to this long side first (12 MP: 0.8 s and ~1/3 the memory, not 2 s)
+DISPLAY = 112  # side of the face crops the engines search and the galleries show
+UPLOAD_MAX_SIDE = 2000  # the plain search shrinks uploads to this long side first (12 MP: 0.8 s, not 2 s)
+SHOW_SIDE = 512  # long side of the photos the page shows (the download keeps the full resolution)
 MAX_UPLOAD = "20mb"  # Gradio's max_file_size at launch (demo_app.py)
 NO_FACE = "No face was detected: the centre of the photo was used."
+NO_FACE_PROTECT = ("No face was found in this photo, so there is nothing to protect. The detector finds "
+                   "faces seen from the front, about 40 pixels wide or more (on a photo larger than "
+                   "500 pixels: about 8% of its long side or more).")
+DEFAULT_ENGINE = "dlib_itq_32"
+"""The engine the page opens on: a hash layer on a real face recognizer (dlib's ResNet)."""
+OPENING_PHOTO = "Tang_Jiaxuan"
+"""The shipped photo the page opens on (else the first example): of the 7 shipped photos of
+evaluation people, the one where ``toap-mid`` after the Facebook profile takes the person out of
+``dlib_itq_32``'s top 10 (7 of 10 before, 0 after). Measured on all 7 (issue 12): 1 of 7 leaves the
+top 10 at mid strength, 2 of 7 at high; at high, most of the others keep fewer photos of the person in it."""
+UPLOADS = ("none", "JPEG", *postprocess.profiles())
+"""Choices of the "simulate upload" control: nothing, JPEG at the slider's quality, each platform."""
+TIER_WORDS = {
+    "whitebox": "white-box: the protector was made on this very engine",
+    "cnn-blackbox": "never seen: the protector used small CNNs only",
+    "engine-blackbox": "never seen, nor dlib's network",
+    "engine-known-backbone": "protector used dlib's network, not this engine's hash layer",
+    "cnn-teacher-known": "protector used dlib's network, this CNN's teacher",
+}
+"""What the protector knew about an engine, in words, per ``toap.threat_tier``."""
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +87,15 @@ class SearchResult:
 
 
 class Engine:
-    """A face search engine over the open-set database, one code table per model."""
+    """A face search engine over the open-set database, one code table per model.
 
-    def __init__(self):
+    Args:
+        models: zoo model names to offer (default: every zoo model).
+        default: the model shown first (default: ``DEFAULT_ENGINE`` if offered, else the one
+            with the best clean mAP).
+    """
+
+    def __init__(self, models: list[str] | None = None, default: str | None = None):
         faces = load_faceset("lfw158", DISPLAY)
         dis = load_faceset("distractors", DISPLAY)
         self.sets = retrieval_sets(make_protocol(faces, len(dis)), faces, dis)
@@ -52,17 +103,25 @@ class Engine:
         names = faces.names()
         self.db_names = [names[int(s)] if s >= 0 else dis.identities[int(-1 - s)]
                          for s in self.sets.db_source]
-        self.models = zoo.names()
-        if not self.models:
+        known = zoo.names()
+        if not known:
             raise FileNotFoundError("no models in data/zoo: run `make artifacts`")
-        # shown first: the engine that retrieves best on clean photos (a real one, like a deployed engine)
-        self.default_model = max(self.models, key=lambda n: zoo.card(n)["clean_map_all"]["open"])
+        unknown = [m for m in models or [] if m not in known]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {known}")
+        self.models = list(models) if models else known
+        if default is None:
+            default = DEFAULT_ENGINE if DEFAULT_ENGINE in self.models else max(
+                self.models, key=lambda n: zoo.card(n)["clean_map_all"]["open"])
+        if default not in self.models:
+            raise ValueError(f"default model {default!r} is not among {self.models}")
+        self.default_model = default
 
     @lru_cache(maxsize=None)
     def _model_and_index(self, name: str) -> tuple[torch.nn.Module, retrieval.HammingIndex]:
-        model = zoo.load(name)
+        model = verify._model(name)  # one copy per process, shared with verify
         index = retrieval.HammingIndex(model.bits)
-        index.add(model.encode(self.sets.db_images))
+        index.add(verify._db_codes(name, self))  # cached in outputs/verify-cache after the first time
         return model, index
 
     def search(self, image: torch.Tensor, model_name: str, k: int = 10,
@@ -73,7 +132,8 @@ class Engine:
             raise ValueError(f"unknown model {model_name!r}; choose one of {self.models}")
         image = check_pixels(image, "query image", ndim=(3,))
         model, index = self._model_and_index(model_name)
-        d, i = index.search(model.encode(image[None]), k)
+        with torch.no_grad():
+            d, i = index.search(model.encode(image[None]), k)
         names = [self.db_names[j] for j in i[0]]
         correct = None if identity is None else [n == identity for n in names]
         return SearchResult(i[0].tolist(), d[0].tolist(), names, correct)
@@ -90,6 +150,270 @@ class Engine:
         return self.sets.query_images[n], self.query_names[n]
 
 
+# ---------------------------------------------------------------- shipped examples
+@dataclass(frozen=True)
+class Example:
+    """A shipped example: a full 250x250 photo (``kind="photo"``, index into
+    ``odd_inputs.shipped_photos()``) or a 112x112 query face crop (``kind="face"``, index into
+    the engine's queries), of an evaluation identity (the database holds other photos of them)."""
+
+    kind: str
+    index: int
+    identity: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.identity.replace('_', ' ')} ({'photo' if self.kind == 'photo' else 'face crop'})"
+
+
+def examples(engine: Engine) -> list[Example]:
+    """The shipped photos of evaluation identities (first), then each evaluation identity's
+    first query face."""
+    people = set(engine.query_names)
+    out = [Example("photo", i, p.parent.name) for i, p in enumerate(shipped_photos()) if p.parent.name in people]
+    first = {}
+    for n, name in enumerate(engine.query_names):
+        first.setdefault(name, n)
+    return out + [Example("face", n, name) for name, n in first.items()]
+
+
+def example_photo(engine: Engine, ex: Example) -> Image.Image:
+    """The RGB image of a shipped example (250x250 photo or 112x112 face crop)."""
+    if ex.kind == "photo":
+        with Image.open(shipped_photos()[ex.index]) as im:
+            return im.convert("RGB")
+    return to_pil(engine.query(ex.index)[0])
+
+
+# ---------------------------------------------------------------- protect and search
+@dataclass
+class DemoResult:
+    """What ``protect_and_search`` returns.
+
+    Attributes:
+        original, protected, uploaded: RGB photos: upright original, protected (same size, full
+            resolution), and the protected one after the simulated upload (may be smaller).
+        amplified: the change ``protected - original`` shown as ``0.5 + 0.5 * change / eps``
+            (grey = unchanged), same size as ``original``.
+        psnr, ssim: image quality of ``protected`` against ``original`` over the largest
+            protected face's square (dB; SSIM in [-1, 1], 1 = identical).
+        before, after: top-k for the original's face and for the uploaded copy's face; their
+            ``correct`` marks say whether each result is ``target``.
+        target: the identity that decides the verdict: the photo's own when known, else the one
+            the original's top-k holds most (``identity_known`` says which).
+        hits_before, hits_after: photos of ``target`` in each top-k; ``found`` = hits_after > 0.
+        verdict: one line, found / not found in the top k.
+        faces: face squares protected (largest first); ``notes``: what the user should know.
+        timings: seconds per step, in order.
+    """
+
+    original: Image.Image
+    protected: Image.Image
+    uploaded: Image.Image
+    amplified: Image.Image
+    psnr: float
+    ssim: float
+    before: SearchResult
+    after: SearchResult
+    before_face: Image.Image
+    after_face: Image.Image
+    target: str
+    identity_known: bool
+    hits_before: int
+    hits_after: int
+    found: bool
+    verdict: str
+    engine_name: str
+    tier: str
+    strength: str
+    upload: str
+    faces: list[tuple[int, int, int]]
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=None)
+def _perturbation(strength: str) -> Perturbation:
+    return load_perturbation(strength=strength)
+
+
+def engine_label(engine_name: str, strength: str = "mid") -> str:
+    """Dropdown label: the engine with its threat tier for ``strength``'s perturbation, e.g.
+    ``"dlib_itq_32 — engine-known-backbone (protector used dlib's network, ...)"``."""
+    tier = threat_tier(_perturbation(strength).card.get("surrogates", []), engine_name)
+    return f"{engine_name} — {tier} ({TIER_WORDS.get(tier, tier)})"
+
+
+def upload_spec(choice: str, quality: float = 75) -> str:
+    """``postprocess.apply`` spec of a "simulate upload" choice: ``"none"``, ``"JPEG"`` (at
+    ``quality``, 1..100) or a platform profile name."""
+    if choice in (None, "", "none"):
+        return "none"
+    if choice == "JPEG":
+        return f"jpeg:{int(round(float(quality)))}"
+    if choice in postprocess.profiles():
+        return choice
+    raise ValueError(f"unknown upload {choice!r}; choose one of {list(UPLOADS)}")
+
+
+def _upright_rgb(photo: Image.Image) -> Image.Image:
+    """``photo`` upright (EXIF orientation applied) in RGB; refuses what cannot hold a face."""
+    if not isinstance(photo, Image.Image):
+        raise ValueError(f"expected a PIL image, got {type(photo).__name__}")
+    w, h = photo.size
+    if w * h > MAX_PIXELS:
+        raise ProtectError(f"image too large: {w}x{h} (limit {MAX_PIXELS / 1e6:.0f} megapixels)")
+    if min(w, h) < 16:
+        raise ProtectError(f"photo too small to hold a face: {w}x{h} pixels")
+    try:
+        photo = ImageOps.exif_transpose(photo)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+        pass
+    return photo.convert("RGB")
+
+
+def _crop_as_is(image: Image.Image) -> torch.Tensor:
+    """A face crop searched as it is: its central square resized to ``DISPLAY`` (bicubic)."""
+    s = min(image.size)
+    x0, y0 = (image.width - s) // 2, (image.height - s) // 2
+    square = image.crop((x0, y0, x0 + s, y0 + s))
+    return from_pil(square if s == DISPLAY else square.resize((DISPLAY, DISPLAY), Image.BICUBIC))
+
+
+def _most_retrieved(names: list[str]) -> str:
+    """The name found most often in a top-k (ties: the one ranked first)."""
+    return max(names, key=lambda n: (names.count(n), -names.index(n)))
+
+
+def _amplified(original: Image.Image, protected: Image.Image, eps: float) -> Image.Image:
+    """``0.5 + 0.5 * (protected - original) / eps`` as an RGB image: grey where unchanged."""
+    diff = np.asarray(protected, dtype=np.float32) - np.asarray(original, dtype=np.float32)
+    return Image.fromarray(np.clip(127.5 + 127.5 * diff / (eps * 255), 0, 255).round().astype(np.uint8))
+
+
+def _quality(original: Image.Image, protected: Image.Image, box: tuple[int, int, int]) -> tuple[float, float]:
+    """(PSNR dB, SSIM) of the face square ``box`` (clipped to the photo)."""
+    x0, y0, s = box
+    r = (max(0, x0), max(0, y0), min(original.width, x0 + s), min(original.height, y0 + s))
+    a, b = from_pil(original.crop(r))[None], from_pil(protected.crop(r))[None]
+    return float(postprocess.psnr(a, b).clamp(max=100)), float(ssim_of(a, b))
+
+
+def _verdict(engine_name: str, who: str, hits_before: int, hits_after: int, upload: str, k: int) -> str:
+    how = "the protected photo" + ("" if upload == "none" else f" after the simulated upload ({upload})")
+    if hits_after == 0 and hits_before == 0:
+        return (f"NOT FOUND in the top {k}, but not thanks to the protection: {engine_name} did not find "
+                f"{who} before protection either.")
+    if hits_after == 0:
+        return (f"NOT FOUND in the top {k}: for {how}, {engine_name} returns no photo of {who} "
+                f"(before protection: {hits_before} of {k}).")
+    return (f"FOUND in the top {k}: for {how}, {engine_name} still returns {hits_after} photo"
+            f"{'s' * (hits_after != 1)} of {who} (before protection: {hits_before} of {k}).")
+
+
+def protect_and_search(engine: Engine, photo: Image.Image, strength: str = "mid", engine_name: str | None = None,
+                       upload: str = "none", identity: str | None = None, face_crop_input: bool = False,
+                       k: int = 10) -> DemoResult:
+    """Search with a photo, protect it, simulate its upload, search again.
+
+    Args:
+        engine: the search engine (database and models).
+        photo: a PIL photo of any size (EXIF orientation applied; converted to RGB); not modified.
+        strength: ``low``, ``mid`` or ``high`` (``protect.STRENGTHS``: eps 4, 8, 12 of 255).
+        engine_name: the zoo model searched (default: ``engine.default_model``).
+        upload: what the platform does to the protected photo: a ``postprocess.apply`` spec
+            (``"none"``, ``"jpeg:75"``, ``"facebook"``, ...; see ``upload_spec``).
+        identity: the photo's identity when known (a shipped example): results are marked
+            right/wrong against it; None: against the person the original retrieved most.
+        face_crop_input: the photo is already a face crop (a shipped query face): it is
+            protected and searched as a whole (no face detection).
+        k: results per search.
+
+    Returns:
+        ``DemoResult`` (photos, quality, both top-k lists, verdict, timings).
+
+    Raises:
+        ProtectError: no face found, a photo too small or too large, unknown strength.
+        ValueError: unknown engine or upload spec, not a PIL image.
+    """
+    engine_name = engine_name or engine.default_model
+    if engine_name not in engine.models:
+        raise ValueError(f"unknown engine {engine_name!r}; choose one of {engine.models}")
+    postprocess.parse(upload)  # a bad spec fails here, before any work
+    pert = _perturbation(strength)  # ProtectError naming the choices for an unknown strength
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[step] = now - t
+        t = now
+
+    original = _upright_rgb(photo)
+    if face_crop_input:
+        before_crop, found = _crop_as_is(original), True
+    else:
+        before_crop, found = face_crop(original, DISPLAY)
+    if not found:
+        raise ProtectError(NO_FACE_PROTECT)
+    lap("find the face")
+    before = engine.search(before_crop, engine_name, k, identity)
+    lap("search before")
+    prot = protect_image(original, pert, detect=not face_crop_input)
+    if not prot.faces_found:  # the crop-level detector found one, the photo-level did not: rare
+        raise ProtectError(NO_FACE_PROTECT)
+    lap("protect")
+    uploaded = postprocess.apply(prot.image, upload)
+    lap("simulate upload")
+    notes = list(prot.notes)
+    if face_crop_input:
+        after_crop = _crop_as_is(uploaded)
+    else:
+        after_crop, found_after = face_crop(uploaded, DISPLAY)
+        if not found_after:
+            notes.append("no face was detected on the uploaded copy: the centre was searched "
+                         "(an engine that cannot detect the face cannot search with it either)")
+    after = engine.search(after_crop, engine_name, k)
+    lap("search after")
+    psnr, ssim = _quality(original, prot.image, prot.boxes[0])
+    amplified = _amplified(original, prot.image, pert.eps)
+    lap("measure")
+
+    target = identity or _most_retrieved(before.names)
+    before = replace(before, correct=[n == target for n in before.names])
+    after = replace(after, correct=[n == target for n in after.names])
+    hits_before, hits_after = sum(before.correct), sum(after.correct)
+    who = target.replace("_", " ")
+    if identity is None:
+        who = f"{who} (the person the original retrieved most; this photo's identity is unknown)"
+    if len(prot.boxes) > 1:
+        notes.insert(0, f"{len(prot.boxes)} faces found: all protected; the largest was searched")
+    return DemoResult(original, prot.image, uploaded, amplified, psnr, ssim, before, after, to_pil(before_crop),
+                      to_pil(after_crop), target, identity is not None, hits_before, hits_after, hits_after > 0,
+                      _verdict(engine_name, who, hits_before, hits_after, upload, k), engine_name,
+                      threat_tier(pert.card.get("surrogates", []), engine_name), strength, upload,
+                      list(prot.boxes), notes, timings)
+
+
+def save_protected(image: Image.Image, folder: str | Path, stem: str = "photo") -> Path:
+    """Write ``image`` (full resolution) as ``<stem>-protected.jpg`` (JPEG at
+    ``protect.DEFAULT_JPEG_QUALITY``, chroma 4:4:4, no metadata) into ``folder``, atomically
+    (a temporary file, then ``os.replace``). Returns the path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "photo"
+    dst = folder / f"{stem}-protected.jpg"
+    tmp = folder / f".{dst.name}{TMP_TAG}{os.getpid()}"
+    try:
+        image.convert("RGB").save(tmp, "JPEG", quality=DEFAULT_JPEG_QUALITY, subsampling=0)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+# ---------------------------------------------------------------- the plain search ("Search only" tab)
 def _gallery(engine: Engine, res: SearchResult) -> list[tuple[Image.Image, str]]:
     out = []
     for rank, (j, d, name) in enumerate(zip(res.indices, res.distances, res.names)):
@@ -136,16 +460,88 @@ def search_upload(engine: Engine, photo: Image.Image | None, model_name: str):
     return to_pil(crop), _gallery(engine, res), _summary(res, None, model_name) + note
 
 
-def build_demo(engine: Engine | None = None):
-    """The Gradio Blocks of the demo (``demo_app.py`` launches it)."""
+# ---------------------------------------------------------------- the page
+def _shown(image: Image.Image, side: int = SHOW_SIDE) -> Image.Image:
+    """A copy of ``image`` whose long side is at most ``side`` (for the page only)."""
+    if max(image.size) <= side:
+        return image
+    im = image.copy()
+    im.thumbnail((side, side), Image.LANCZOS)
+    return im
+
+
+def _metrics(res: DemoResult) -> str:
+    """The markdown under the photos: quality, faces, notes, time per step."""
+    steps = " · ".join(f"{s} {v:.2f} s" for s, v in res.timings.items())
+    lines = [f"**Quality** (largest face's square): PSNR {res.psnr:.1f} dB, SSIM {res.ssim:.3f} · "
+             f"strength **{res.strength}** (eps {round(_perturbation(res.strength).eps * 255)}/255) · "
+             f"engine **{res.engine_name}**: *{res.tier}* · upload: **{res.upload}** · "
+             f"photo {res.original.width}x{res.original.height}, {len(res.faces)} face"
+             f"{'s' * (len(res.faces) != 1)} protected",
+             f"**Time per step**: {steps} (total {sum(res.timings.values()):.2f} s)"]
+    lines += [f"*Note:* {n}" for n in res.notes]
+    return "\n\n".join(lines)
+
+
+def build_demo(engine: Engine | None = None, opening: str | None = OPENING_PHOTO):
+    """The Gradio Blocks of the demo (``demo_app.py`` launches it).
+
+    Args:
+        engine: the search engine (default: ``Engine()``, every zoo model); only its
+            ``default_model`` is loaded before the page opens.
+        opening: identity of the shipped photo the page opens on (None or unknown: the first).
+    """
     import gradio as gr
 
     engine = engine or Engine()
-    log.info("encoding the database with %s (the page's first search then answers at once)", engine.default_model)
+    log.info("loading the database codes of %s (the page's first search then answers at once)", engine.default_model)
     engine._model_and_index(engine.default_model)
-    thumbs = [(to_pil(engine.sets.query_images[i]), engine.query_names[i].replace("_", " "))
-              for i in range(len(engine.query_names))]
+    exs = examples(engine)
+    first = next((i for i, e in enumerate(exs) if e.kind == "photo" and e.identity == opening), 0)
+    thumbs = [(example_photo(engine, e).resize((96, 96), Image.BICUBIC), e.label) for e in exs]
+    out_dir = Path(tempfile.mkdtemp(prefix="toap-demo-"))
 
+    def engine_choices(strength: str) -> list[tuple[str, str]]:
+        return [(engine_label(m, strength), m) for m in engine.models]
+
+    def outputs(res: DemoResult, stem: str) -> tuple:
+        dst = save_protected(res.protected, Path(tempfile.mkdtemp(dir=out_dir)), stem)
+        mark = "✘" if res.found else ("✔" if res.hits_before else "·")  # ✔: the protection took the person out
+        verdict = f"### {mark} {res.verdict}"
+        return (_shown(res.original), _shown(res.protected), _shown(res.amplified), verdict, _metrics(res),
+                _gallery(engine, res.before), _gallery(engine, res.after), str(dst))
+
+    def run(path, ex_index, strength: str, engine_name: str, upload: str, quality: float) -> tuple:
+        """The page's main callback: an uploaded file (else the picked example) -> every output."""
+        try:
+            spec = upload_spec(upload, quality)
+            if path:
+                photo, _ = open_photo(path)
+                res = protect_and_search(engine, photo, strength, engine_name, spec)
+                stem = Path(path).stem
+            elif ex_index is not None:
+                ex = exs[int(ex_index)]
+                res = protect_and_search(engine, example_photo(engine, ex), strength, engine_name, spec,
+                                         identity=ex.identity, face_crop_input=ex.kind == "face")
+                stem = ex.identity
+            else:
+                raise gr.Error("Upload a photo, or pick a shipped example, first.")
+        except ProtectError as e:
+            raise gr.Error(f"This photo cannot be protected: {e}") from e
+        except (TypeError, ValueError, IndexError) as e:
+            raise gr.Error(str(e)) from e
+        if len(res.faces) > 1:
+            gr.Info(res.notes[0])
+        return outputs(res, stem)
+
+    def pick(evt: gr.SelectData, strength: str, engine_name: str, upload: str, quality: float):
+        return (None, evt.index, *run(None, evt.index, strength, engine_name, upload, quality))
+
+    def restrength(path, ex_index, strength: str, engine_name: str, upload: str, quality: float):
+        return (gr.update(choices=engine_choices(strength), value=engine_name),
+                *run(path, ex_index, strength, engine_name, upload, quality))
+
+    # the plain search tab (no protection)
     def run_shipped(n: int, model_name: str):
         try:
             return search_shipped(engine, n, model_name)
@@ -163,33 +559,73 @@ def build_demo(engine: Engine | None = None):
             gr.Warning(NO_FACE)
         return out
 
-    def on_select(evt: gr.SelectData):
-        return evt.index
-
-    with gr.Blocks(title="toap-kit: deep-hash face search") as demo:
-        gr.Markdown("# Deep-hash face search\nA face search engine on binary hash codes (Hamming "
-                    "distance): a real face recognizer with a hash layer (`dlib_itq_*`) or a small "
-                    "hash CNN. Its database holds photos of "
-                    f"{len(set(engine.query_names))} people no model was trained on, plus 2,000 "
-                    "other people. Pick a face or upload one. Protection joins in a later release.")
-        with gr.Row():
-            model_dd = gr.Dropdown(engine.models, value=engine.default_model, label="hash model")
-            query_no = gr.Number(value=0, precision=0, label="shipped query #", minimum=0,
-                                 maximum=len(engine.query_names) - 1)
-        with gr.Row():
-            with gr.Column(scale=1):
-                picker = gr.Gallery(thumbs, label="shipped query faces (click one)", columns=6,
-                                    height=300, allow_preview=False)
-                upload = gr.Image(type="pil", label="or upload a face photo")
-                upload_btn = gr.Button("Search with the uploaded photo")
-            with gr.Column(scale=2):
-                shown = gr.Image(label="query as searched", height=160)
-                summary = gr.Markdown()
-                results = gr.Gallery(label="top-10 (✔ same person, ✘ someone else)", columns=5, height=340)
-        picker.select(on_select, None, query_no)
-        outs = [shown, results, summary]
-        query_no.change(run_shipped, [query_no, model_dd], outs, api_name="search_shipped")
-        model_dd.change(run_shipped, [query_no, model_dd], outs)
-        upload_btn.click(run_upload, [upload, model_dd], outs, api_name="search_upload")
-        demo.load(run_shipped, [query_no, model_dd], outs)
+    n_people = len(set(engine.query_names))
+    with gr.Blocks(title="toap-kit: protect your photos from face search") as demo:
+        gr.Markdown(
+            "# Protect your photos from face search engines\n"
+            "A face search engine turns a face into a binary hash code and returns the database faces "
+            f"with the nearest codes. This one's database holds photos of {n_people} people no model "
+            "here was trained on, plus 2,000 others. **TOAP** (Lv et al., arXiv 2412.09692) adds one "
+            "small, fixed perturbation to every face so that the engine stops finding the person, "
+            "even after a platform re-compresses the photo. It opens on a photo where that works; "
+            "click the other examples: on most of them an engine on a real face recognizer still "
+            "finds the person, lower down. The protection weakens a search; it guarantees nothing, "
+            "least of all against an engine it was never tested on.")
+        with gr.Tab("Protect"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=320):
+                    photo_in = gr.File(label=f"your photo (JPEG, PNG, WebP; at most {MAX_UPLOAD[:-2]} MB)",
+                                       file_types=["image"], type="filepath", elem_id="photo-upload")
+                    picker = gr.Gallery(thumbs, label="or pick a shipped example (click one)", columns=4,
+                                        height=230, allow_preview=False, elem_id="examples")
+                    strength_in = gr.Radio(list(STRENGTHS), value="mid", label="strength (eps 4, 8, 12 of 255)")
+                    engine_in = gr.Dropdown(engine_choices("mid"), value=engine.default_model,
+                                            label="face search engine (and what the protector knew about it)")
+                    upload_in = gr.Dropdown(list(UPLOADS), value="facebook", label="simulate upload")
+                    quality_in = gr.Slider(30, 100, value=75, step=1, label="JPEG quality (for upload = JPEG)")
+                    go = gr.Button("Protect and search", variant="primary", elem_id="protect-button")
+                    example_state = gr.State(first)
+                with gr.Column(scale=2):
+                    verdict = gr.Markdown(elem_id="verdict")
+                    with gr.Row():
+                        shown_orig = gr.Image(label="original", height=260, format="png")
+                        shown_prot = gr.Image(label="protected", height=260, format="png")
+                        shown_amp = gr.Image(label="the change, amplified (grey = none)", height=260, format="png")
+                    metrics = gr.Markdown()
+                    download = gr.DownloadButton("Download the protected photo (full resolution, JPEG q95)",
+                                                 elem_id="download")
+                    before = gr.Gallery(label="before: top 10 for the original photo (✔ same person)", columns=5,
+                                        height=330, elem_id="before-gallery")
+                    after = gr.Gallery(label="after: top 10 for the protected photo, after the simulated upload",
+                                       columns=5, height=330, elem_id="after-gallery")
+            controls = [strength_in, engine_in, upload_in, quality_in]
+            outs = [shown_orig, shown_prot, shown_amp, verdict, metrics, before, after, download]
+            go.click(run, [photo_in, example_state, *controls], outs, api_name="protect")
+            # a new upload replaces the example
+            photo_in.upload(lambda: None, None, example_state, api_visibility="private")
+            picker.select(pick, controls, [photo_in, example_state, *outs], api_visibility="private")
+            strength_in.input(restrength, [photo_in, example_state, *controls], [engine_in, *outs],
+                              api_visibility="private")
+            for c in (engine_in, upload_in):
+                c.input(run, [photo_in, example_state, *controls], outs, api_visibility="private")
+            quality_in.release(run, [photo_in, example_state, *controls], outs, api_visibility="private")
+            demo.load(run, [photo_in, example_state, *controls], outs, api_visibility="private")
+        with gr.Tab("Search only"):
+            with gr.Row():
+                model_dd = gr.Dropdown(engine.models, value=engine.default_model, label="hash model")
+                query_no = gr.Number(value=0, precision=0, label="shipped query #", minimum=0,
+                                     maximum=len(engine.query_names) - 1)
+            with gr.Row():
+                with gr.Column(scale=1):
+                    upload = gr.Image(type="pil", label="upload a face photo")
+                    upload_btn = gr.Button("Search with the uploaded photo")
+                with gr.Column(scale=2):
+                    shown = gr.Image(label="query as searched", height=160)
+                    summary = gr.Markdown()
+                    results = gr.Gallery(label="top-10 (✔ same person, ✘ someone else)", columns=5, height=340)
+            souts = [shown, results, summary]
+            query_no.change(run_shipped, [query_no, model_dd], souts, api_name="search_shipped")
+            model_dd.change(run_shipped, [query_no, model_dd], souts, api_visibility="private")
+            upload_btn.click(run_upload, [upload, model_dd], souts, api_name="search_upload")
+            demo.load(run_shipped, [query_no, model_dd], souts, api_visibility="private")
     return demo
