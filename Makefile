@@ -45,6 +45,7 @@ bench: install  ## the README's benchmark tables (about 40 min on 2 CPU cores)
 	$(BIN)/python -m toap_kit.bench retrieval
 	$(BIN)/python -m toap_kit.bench attacks
 	$(BIN)/python -m toap_kit.bench cg
+	$(BIN)/python -m toap_kit.bench protect
 
 results: install  ## TOAP's results table and figures into results/ (see README; about an hour on 2 CPU cores)
 	$(BIN)/python -m toap_kit.bench toap

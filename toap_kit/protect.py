@@ -33,7 +33,8 @@ platform's copy, ``toap_kit.odd_inputs`` holds the bad-input corpus.
    then rounded: ``|protected - original| <= eps`` holds exactly on the stored pixels.
    Pixels outside the squares, and the alpha channel, are untouched.
 
-Measured for this module (issue 12), with ``evaluate.Evaluator`` on the open-set protocol's
+Measured for this module (issue 12; ``docs/experiments/protect_jpeg_quality.py`` prints these
+numbers), with ``evaluate.Evaluator`` on the open-set protocol's
 first 60 queries (``sets.subset(60)``: their 20 people's photos + 2,000 distractors), query
 setting, ``toap-mid``, relative drop of tie-aware mAP@all, e.g.
 ``Evaluator(zoo.load("dlib_itq_32"), sets)(protect, "query", "jpeg:95")``: the 10% feather
