@@ -115,13 +115,17 @@ def test_grid_journal_resumes_without_measuring_again(tmp_path):
     journal = tmp_path / "journal.jsonl"
     args = (victims, sets, ("none", "jpeg:75"), ("none",), ("none",), 8 / 255)
     first = results._grid({"toap-mid": ("toap", p.apply, p, ["vgg_dpsh_32"])}, *args, journal=journal)
-    assert len(first) == 3 and len(journal.read_text().splitlines()) == 3
+    assert len(first) == 3 and len(journal.read_text().splitlines()) == 3  # one line per item x victim
 
     def never(x):
         raise AssertionError("a journalled item was measured again")
 
     again = results._grid({"toap-mid": ("toap", never, p, ["vgg_dpsh_32"])}, *args, journal=journal)
     assert again == first
+    more = {**victims, "vgg_csq_64": zoo.load("vgg_csq_64")}  # another victim: only its rows are measured
+    wider = results._grid({"toap-mid": ("toap", p.apply, p, ["vgg_dpsh_32"])}, more, *args[1:], journal=journal)
+    assert [r for r in wider if r["victim"] == "mobilenet_csq_32"] == first
+    assert len(wider) == 6 and len(journal.read_text().splitlines()) == 6
     with open(journal, "a") as f:
         f.write('{"key": "half a line')  # a run killed while writing
     other = _pert(eps=4 / 255)  # another perturbation (another sha256) is measured, not read back

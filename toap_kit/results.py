@@ -220,15 +220,16 @@ def _grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[
           sets: data.RetrievalSets, posts: Sequence[str], db_posts: Sequence[str], whitebox_posts: Sequence[str],
           eps: float, journal: Path | None = None, baseline_id: str = "") -> list[dict]:
     """Every protection x setting x post x victim; each protected set is post-processed once and
-    shared by all victims' evaluators. With ``journal`` (a JSON-lines file) every finished
-    protection x setting x post is appended to it, and a rerun reads those back instead of
-    measuring them again: its key holds a sha256 of the perturbation's delta (``baseline_id`` for the
-    baselines), the victims' sha256 and the sets' sizes, so a changed input is measured anew."""
+    shared by all victims' evaluators. With ``journal`` (a JSON-lines file) every measured
+    protection x setting x post x victim is appended to it, and a rerun (with these victims or
+    others) reads those back instead of measuring them again: the key holds a sha256 of the
+    perturbation's delta (``baseline_id`` for the baselines), the victim's sha256 and the sets'
+    sizes, so a changed input is measured anew."""
     rows = []
     evaluators = {vn: evaluate.Evaluator(m, sets) for vn, m in victims.items()}
     own = sets.db_source >= 0
     done = _journal_read(journal)
-    stamp = [sorted((vn, zoo.card(vn)["sha256"]) for vn in victims), len(sets.query_images), len(sets.db_images)]
+    sizes = [len(sets.query_images), len(sets.db_images)]
     bar = tqdm(total=len(protections) * (len(posts) + len(db_posts)), desc="results grid")
     for pname, (method, protect, p, surrogates) in protections.items():
         ident = (hashlib.sha256(p.delta.numpy().tobytes()).hexdigest() if p is not None
@@ -236,28 +237,29 @@ def _grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[
         for setting, plist in (("query", posts), ("database", db_posts)):
             protected = None
             for post in plist:
-                key = hashlib.sha256(json.dumps([pname, ident, setting, post, stamp]).encode()).hexdigest()
-                if key in done:
-                    rows += done[key]
-                    bar.update(1)
-                    continue
-                if protected is None:  # computed once per setting, only if some item needs it
+                todo = {vn: hashlib.sha256(json.dumps([pname, ident, setting, post, vn, zoo.card(vn)["sha256"],
+                                                       sizes]).encode()).hexdigest()
+                        for vn in evaluators if not (vn in surrogates and post not in whitebox_posts)}
+                if protected is None and any(k not in done for k in todo.values()):
+                    # computed once per setting, only if some item needs it
                     protected = protect(sets.query_images if setting == "query" else sets.db_images[own])
-                processed = postprocess.apply(protected, post)
-                item = []
-                for vn, ev in evaluators.items():
-                    if vn in surrogates and post not in whitebox_posts:
+                processed = None
+                for vn, key in todo.items():
+                    if key in done:
+                        rows += done[key]
                         continue
-                    r = ev(lambda _x: protected, setting, post, processed=processed)
-                    item.append(_row(p, pname, vn, setting, post, r.map_clean, r.map_after, r.psnr, r.ssim,
-                                     method=method, eps=eps, surrogates=surrogates))
-                rows += item
-                if journal is not None:
-                    journal.parent.mkdir(parents=True, exist_ok=True)
-                    with open(journal, "a") as f:
-                        f.write(json.dumps({"key": key, "rows": item}) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
+                    if processed is None:
+                        processed = postprocess.apply(protected, post)
+                    r = evaluators[vn](lambda _x: protected, setting, post, processed=processed)
+                    row = _row(p, pname, vn, setting, post, r.map_clean, r.map_after, r.psnr, r.ssim,
+                               method=method, eps=eps, surrogates=surrogates)
+                    rows.append(row)
+                    if journal is not None:
+                        journal.parent.mkdir(parents=True, exist_ok=True)
+                        with open(journal, "a") as f:
+                            f.write(json.dumps({"key": key, "rows": [row]}) + "\n")
+                            f.flush()
+                            os.fsync(f.fileno())
                 bar.update(1)
     bar.close()
     return rows
