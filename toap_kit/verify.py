@@ -12,7 +12,6 @@ database still returns the person in the top 10 in both threat settings. The com
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from functools import lru_cache
@@ -25,7 +24,7 @@ from PIL import Image
 from . import zoo
 from .config import OUTPUT_DIR
 from .data import DATA_DIR
-from .perturbation import PERTURBATION_DIR, Perturbation
+from .perturbation import Perturbation
 from .protect import TMP_TAG, ProtectError, _upright, face_crop
 
 __all__ = ["CACHE_DIR", "verdict", "verify"]
@@ -94,16 +93,16 @@ def _rank(distances: np.ndarray, d: int, k: int) -> tuple[float, float]:
 
 
 def _surrogates(perturbation: str | Perturbation | None) -> list[str] | None:
+    """The surrogates on the perturbation's card (``Perturbation.load`` finds a path or a
+    shipped name and checks it), or None without a perturbation."""
     if perturbation is None:
         return None
-    if isinstance(perturbation, Perturbation):
-        return list(perturbation.card.get("surrogates", []))
-    card = Path(perturbation).with_suffix(".json")
-    if not card.is_file():
-        card = (PERTURBATION_DIR / Path(perturbation).name).with_suffix(".json")
-    if not card.is_file():
-        raise ProtectError(f"no perturbation {perturbation!r} (shipped: {', '.join(Perturbation.shipped())})")
-    return list(json.loads(card.read_text()).get("surrogates", []))
+    if not isinstance(perturbation, Perturbation):
+        try:
+            perturbation = Perturbation.load(perturbation)
+        except (FileNotFoundError, ValueError) as e:
+            raise ProtectError(str(e)) from e
+    return list(perturbation.card.get("surrogates", []))
 
 
 def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | None = None,
