@@ -176,7 +176,7 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
 
     rows = []
     db_codes = {n: m.encode(sets.db_images) for n, m in victims.items()}
-    for prof in profiles:
+    for prof in tqdm(profiles, desc="photo rows"):
         clean = crops(prof, None)
         clean_codes = {n: m.encode(clean) for n, m in victims.items()}
         for pname, p in perturbations.items():
@@ -292,13 +292,12 @@ def tradeoff(victims: dict[str, nn.Module], sets: data.RetrievalSets, data_: tup
     ``_tradeoff_perturbation``) at each eps (8-bit levels), after real ``post``, query setting."""
     rows = []
     evaluators = {vn: evaluate.Evaluator(m, sets) for vn, m in victims.items()}  # clean codes once
-    for base in ("uap-mid-cnn", "toap-mid-cnn"):
-        for e in eps_levels:
-            p = _tradeoff_perturbation(base, e, data_, folder, fast)
-            for vn, ev in evaluators.items():
-                r = ev(p.apply, "query", post)
-                rows.append({**_row(p, p.card["name"], vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim),
-                             "eps_levels": e})
+    for base, e in tqdm([(b, e) for b in ("uap-mid-cnn", "toap-mid-cnn") for e in eps_levels], desc="trade-off"):
+        p = _tradeoff_perturbation(base, e, data_, folder, fast)
+        for vn, ev in evaluators.items():
+            r = ev(p.apply, "query", post)
+            rows.append({**_row(p, p.card["name"], vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim),
+                         "eps_levels": e})
     return rows
 
 
@@ -334,17 +333,17 @@ def limits(perturbations: dict[str, Perturbation], engines: dict[str, Recognizer
     rows = []
     purified = {(vn, spec): evaluate.Evaluator(Purified(engine, spec), sets)  # purified clean database once
                 for vn, engine in engines.items() for spec in purifiers}
-    for pname, p in perturbations.items():
-        for vn, engine in engines.items():
-            for spec in purifiers:
-                r = purified[vn, spec](p.apply, "query", "none")
-                rows.append({**_row(p, pname, vn, "query", "none", r.map_clean, r.map_after, r.psnr, r.ssim),
-                             "engine": f"purifies with {spec}"})
-            refit = _refit_head(engine, train_faces, p.apply(train_faces))
-            for post in ("none", "jpeg:75"):
-                r = evaluate.Evaluator(refit, sets)(p.apply, "query", post)
-                rows.append({**_row(p, pname, vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim),
-                             "engine": "hash layer fine-tuned on protected training faces"})
+    for pname, vn in tqdm([(pn, vn) for pn in perturbations for vn in engines], desc="limits"):
+        p, engine = perturbations[pname], engines[vn]
+        for spec in purifiers:
+            r = purified[vn, spec](p.apply, "query", "none")
+            rows.append({**_row(p, pname, vn, "query", "none", r.map_clean, r.map_after, r.psnr, r.ssim),
+                         "engine": f"purifies with {spec}"})
+        refit = _refit_head(engine, train_faces, p.apply(train_faces))
+        for post in ("none", "jpeg:75"):
+            r = evaluate.Evaluator(refit, sets)(p.apply, "query", post)
+            rows.append({**_row(p, pname, vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim),
+                         "engine": "hash layer fine-tuned on protected training faces"})
     return rows
 
 
