@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import postprocess, retrieval, verify, zoo
 from .data import check_pixels, crop_face, load_faceset, make_protocol, retrieval_sets
@@ -38,7 +38,7 @@ from .evaluate import ssim as ssim_of
 from .odd_inputs import shipped_photos
 from .perturbation import Perturbation
 from .postprocess import from_pil, to_pil
-from .protect import (DEFAULT_JPEG_QUALITY, MAX_PIXELS, STRENGTHS, TMP_TAG, ProtectError, face_crop,
+from .protect import (DEFAULT_JPEG_QUALITY, MAX_PIXELS, STRENGTHS, TMP_TAG, ProtectError, _upright, face_crop,
                       load_perturbation, open_photo, protect_image)
 from .toap import threat_tier
 
@@ -265,11 +265,7 @@ def _upright_rgb(photo: Image.Image) -> Image.Image:
         raise ProtectError(f"image too large: {w}x{h} (limit {MAX_PIXELS / 1e6:.0f} megapixels)")
     if min(w, h) < 16:
         raise ProtectError(f"photo too small to hold a face: {w}x{h} pixels")
-    try:
-        photo = ImageOps.exif_transpose(photo)
-    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
-        pass
-    return photo.convert("RGB")
+    return _upright(photo, []).convert("RGB")  # a broken EXIF block: pixels kept as stored
 
 
 def _crop_as_is(image: Image.Image) -> torch.Tensor:
@@ -449,7 +445,7 @@ def search_upload(engine: Engine, photo: Image.Image | None, model_name: str):
         raise ValueError("no photo: upload a photo with a face first")
     if not isinstance(photo, Image.Image):
         raise ValueError(f"expected a PIL image, got {type(photo).__name__}")
-    photo = ImageOps.exif_transpose(photo).convert("RGB")
+    photo = _upright(photo, []).convert("RGB")
     if max(photo.size) > UPLOAD_MAX_SIDE:
         r = UPLOAD_MAX_SIDE / max(photo.size)
         photo = photo.resize((max(1, round(photo.width * r)), max(1, round(photo.height * r))),
