@@ -131,3 +131,31 @@ def test_grid_journal_resumes_without_measuring_again(tmp_path):
     other = _pert(eps=4 / 255)  # another perturbation (another sha256) is measured, not read back
     rows = results._grid({"toap-mid": ("toap", other.apply, other, ["vgg_dpsh_32"])}, *args, journal=journal)
     assert len(rows) == 3 and rows != first
+
+
+def test_rows_of_unchanged_inputs_are_reused_under_a_new_name(tmp_path):
+    faces, dis = data.load_faceset("lfw158", 112), data.load_faceset("distractors", 112)
+    sets = data.retrieval_sets(data.make_protocol(faces, len(dis)), faces, dis).subset(6, 40)
+    victims = {"mobilenet_csq_32": zoo.load("mobilenet_csq_32")}
+    p = _pert()
+    p.save(tmp_path / "renamed")  # the card now holds the tensor file's sha256
+    p = Perturbation.load(tmp_path / "renamed")
+    args = (victims, sets, ("none", "jpeg:75"), ("none",), ("none",), 8 / 255)
+    measured = results._grid({"old-name": ("toap", p.apply, p, ["vgg_dpsh_32"])}, *args)
+    previous = {"fast": False, "rows": measured, "perturbations": {"old-name": p.card}}
+    journal = tmp_path / "journal.jsonl"
+
+    def never(x):
+        raise AssertionError("a reused row was measured again")
+
+    n = results.reuse_rows(previous, {"new-name": ("toap", never, p, ["vgg_dpsh_32"])}, list(victims), sets, journal, "")
+    assert n == 3
+    rows = results._grid({"new-name": ("toap", never, p, ["vgg_dpsh_32"])}, *args, journal=journal)
+    assert [r["perturbation"] for r in rows] == ["new-name"] * 3
+    assert [r["rel_drop"] for r in rows] == [r["rel_drop"] for r in measured]
+    other = _pert(eps=4 / 255)  # another tensor (another file sha256): nothing is reused for it
+    other.save(tmp_path / "other")
+    other = Perturbation.load(tmp_path / "other")
+    assert results.reuse_rows(previous, {"x": ("toap", never, other, [])}, list(victims), sets, journal, "") == 0
+    assert results.reuse_rows({**previous, "fast": True}, {"y": ("toap", never, p, [])}, list(victims), sets,
+                              journal, "") == 0

@@ -2,7 +2,8 @@
 
 Which module does what (one room per concept):
 
-- ``config``      ``setup(seed)``: seeds, logging, and every size (fast mode via ``TOAP_FAST``).
+- ``config``      ``setup(seed)``: seeds, logging, and every size (fast mode via ``TOAP_FAST``);
+                  ``device()``: the one device switch (CUDA when present, ``TOAP_DEVICE`` to force).
 - ``data``        the shipped faces, user image folders, the open-set retrieval protocol.
 - ``teacher``     the real face recognizer (dlib ResNet): ceiling and distillation teacher.
 - ``recognizer``  the same recognizer ported to PyTorch (differentiable), and ``RecognizerHash``:
@@ -23,6 +24,8 @@ Which module does what (one room per concept):
                   to imitate the real codecs; its fidelity benchmark and removal fine-tuning.
 - ``toap``        TOAP itself: robust objectives, post-processing draws, meta-learning over
                   surrogates, alternation with the CG; threat tiers.
+- ``refine``      protection against a known recognizer (dlib's network): per-photo refinement
+                  (``refine_faces``, ``toap protect --refine``) and the dlib-first universal ladder.
 - ``protect``     protect your own photos (every face, full resolution, metadata stripped, resumable
                   batches); the ``toap`` command is ``cli``.
 - ``verify``      what a platform's copy of a protected photo gives away, engine by engine.
@@ -35,8 +38,8 @@ Which module does what (one room per concept):
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
 from . import (attacks, cg, data, diffproc, evaluate, hashing, models, odd_inputs, perturbation, plots, postprocess,
-               protect, recognizer, results, retrieval, store, teacher, toap, verify, zoo)
-from .config import Config, seed_everything, setup
+               protect, recognizer, refine, results, retrieval, store, teacher, toap, verify, zoo)
+from .config import Config, device, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
 from .hashing import ITQ, TrainConfig, make_objective, train_hash_model
@@ -50,8 +53,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
     "TOAPConfig", "TrainConfig",
-    "attacks", "build_model", "cg", "data", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
+    "attacks", "build_model", "cg", "data", "device", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "perturbation",
-    "plots", "postprocess", "pr_curve", "protect", "recognizer", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
+    "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
     "toap", "train_hash_model", "verify", "zoo",
 ]

@@ -15,9 +15,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Config", "setup", "seed_everything"]
+__all__ = ["Config", "device", "setup", "seed_everything"]
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "outputs"
+
+
+def device() -> torch.device:
+    """The one device switch: ``TOAP_DEVICE`` if set (``cpu``, ``cuda``, ``cuda:1``, ...), else
+    CUDA when present, else the CPU. Everything heavy (``toap``, ``refine``, ``artifacts``,
+    ``results``) runs its networks there; every test runs on the CPU."""
+    want = os.environ.get("TOAP_DEVICE", "").strip()
+    if not want:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(want)
+    except RuntimeError:
+        raise ValueError(f"TOAP_DEVICE={want!r} is not a torch device (try cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TOAP_DEVICE={want!r} but torch sees no CUDA device here")
+    return dev
 
 
 def seed_everything(seed: int) -> None:

@@ -3,15 +3,18 @@ before and after.
 
 The engine's database is the open-set protocol's database (the evaluation identities' photos
 plus 2,000 distractors): people no shipped model, Compression Generator or perturbation ever
-saw. The page (``build_demo``) opens on a shipped photo with both result galleries filled.
+saw. The page (``build_demo``) opens on the first shipped example with both result galleries
+filled, and its intro states the measured per-photo result (``results.per_photo_sentence`` of
+the shipped ``results/toap.json``).
 
 Plain functions, tested without a browser:
 
 - ``Engine``: the database and the zoo models; ``Engine.search(face, model)`` gives the top 10.
   Each model's database codes come from ``verify``'s on-disk cache (``outputs/verify-cache``),
   so only the very first launch encodes them (about a minute for a dlib engine on 2 cores).
-- ``protect_and_search(engine, photo, strength, engine_name, upload)``: search with the
-  original's largest face; protect every face (``protect.protect_image``); pass the protected
+- ``protect_and_search(engine, photo, strength, engine_name, upload, refine=True)``: search with
+  the original's largest face; protect every face (``protect.protect_image``; ``refine``: each
+  face refined against dlib's network, ``refine.DEFAULT_STEPS`` steps); pass the protected
   photo through a simulated upload (``postprocess.apply``: ``"none"``, ``"jpeg:75"`` or a
   platform profile); crop its face again and search. Returns a ``DemoResult``.
 - ``search_shipped`` / ``search_upload``: the plain search of the "Search only" tab.
@@ -19,6 +22,7 @@ Plain functions, tested without a browser:
 ``build_demo()`` only wires these to Gradio widgets; ``demo_app.py`` launches it.
 """
 
+import json
 import logging
 import os
 import re
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import postprocess, retrieval, verify, zoo
+from . import postprocess, refine as refine_module, retrieval, verify, zoo
 from .data import check_pixels, crop_face, load_faceset, make_protocol, retrieval_sets
 from .evaluate import ssim as ssim_of
 from .odd_inputs import shipped_photos
@@ -40,7 +44,7 @@ from .perturbation import Perturbation
 from .postprocess import from_pil, to_pil
 from .protect import (DEFAULT_JPEG_QUALITY, MAX_PIXELS, STRENGTHS, TMP_TAG, ProtectError, _upright, face_crop,
                       load_perturbation, open_photo, protect_image)
-from .toap import threat_tier
+from .toap import DLIB_DESCRIPTOR, threat_tier
 
 __all__ = ["DEFAULT_ENGINE", "DemoResult", "Engine", "Example", "MAX_UPLOAD", "SearchResult", "TIER_WORDS",
            "build_demo", "engine_label", "examples", "example_photo", "protect_and_search", "save_protected",
@@ -56,11 +60,6 @@ NO_FACE_PROTECT = ("No face was found in this photo, so there is nothing to prot
                    "500 pixels: about 8% of its long side or more).")
 DEFAULT_ENGINE = "dlib_itq_32"
 """The engine the page opens on: a hash layer on a real face recognizer (dlib's ResNet)."""
-OPENING_PHOTO = "Tang_Jiaxuan"
-"""The shipped photo the page opens on (else the first example): of the 7 shipped photos of
-evaluation people, the one where ``toap-mid`` after the Facebook profile takes the person out of
-``dlib_itq_32``'s top 10 (7 of 10 before, 0 after). Measured on all 7 (issue 12): 1 of 7 leaves the
-top 10 at mid strength, 2 of 7 at high; at high, most of the others keep fewer photos of the person in it."""
 UPLOADS = ("none", "JPEG", *postprocess.profiles())
 """Choices of the "simulate upload" control: nothing, JPEG at the slider's quality, each platform."""
 TIER_WORDS = {
@@ -204,7 +203,7 @@ class DemoResult:
         hits_before, hits_after: photos of ``target`` in each top-k; ``found`` = hits_after > 0.
         verdict: one line, found / not found in the top k.
         faces: face squares protected (largest first); ``notes``: what the user should know.
-        timings: seconds per step, in order.
+        timings: seconds per step, in order; ``refined``: each face got its own refined delta.
     """
 
     original: Image.Image
@@ -230,6 +229,7 @@ class DemoResult:
     faces: list[tuple[int, int, int]]
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    refined: bool = False
 
 
 @lru_cache(maxsize=None)
@@ -237,10 +237,31 @@ def _perturbation(strength: str) -> Perturbation:
     return load_perturbation(strength=strength)
 
 
-def engine_label(engine_name: str, strength: str = "mid") -> str:
-    """Dropdown label: the engine with its threat tier for ``strength``'s perturbation, e.g.
-    ``"dlib_itq_32 — engine-known-backbone (protector used dlib's network, ...)"``."""
-    tier = threat_tier(_perturbation(strength).card.get("surrogates", []), engine_name)
+@lru_cache(maxsize=1)
+def _recognizer() -> refine_module.KnownRecognizer:
+    """dlib's network for the refinement, loaded once per process (about 3 s)."""
+    return refine_module.KnownRecognizer()
+
+
+def measured_sentence() -> str:
+    """The per-photo result the intro states, read from the shipped results (``make results``)."""
+    from .results import RESULTS_DIR, per_photo_sentence
+
+    try:
+        return per_photo_sentence(json.loads((RESULTS_DIR / "toap.json").read_text()), DEFAULT_ENGINE)
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def _tier(engine_name: str, strength: str, refine: bool) -> str:
+    surrogates = [DLIB_DESCRIPTOR] if refine else _perturbation(strength).card.get("surrogates", [])
+    return threat_tier(surrogates, engine_name)
+
+
+def engine_label(engine_name: str, strength: str = "mid", refine: bool = False) -> str:
+    """Dropdown label: the engine with its threat tier for ``strength``'s perturbation (or the
+    refinement), e.g. ``"dlib_itq_32 — engine-known-backbone (protector used dlib's network, ...)"``."""
+    tier = _tier(engine_name, strength, refine)
     return f"{engine_name} — {tier} ({TIER_WORDS.get(tier, tier)})"
 
 
@@ -309,7 +330,7 @@ def _verdict(engine_name: str, who: str, hits_before: int, hits_after: int, uplo
 
 def protect_and_search(engine: Engine, photo: Image.Image, strength: str = "mid", engine_name: str | None = None,
                        upload: str = "none", identity: str | None = None, face_crop_input: bool = False,
-                       k: int = 10) -> DemoResult:
+                       k: int = 10, refine: bool = False, progress=None) -> DemoResult:
     """Search with a photo, protect it, simulate its upload, search again.
 
     Args:
@@ -324,6 +345,9 @@ def protect_and_search(engine: Engine, photo: Image.Image, strength: str = "mid"
         face_crop_input: the photo is already a face crop (a shipped query face): it is
             protected and searched as a whole (no face detection).
         k: results per search.
+        refine: refine each face's own delta against dlib's network (``refine.DEFAULT_STEPS``
+            steps from the strength's universal delta: a few seconds a face on 2 cores).
+        progress: passed to the refinement's tqdm (the page gives Gradio's progress tracker).
 
     Returns:
         ``DemoResult`` (photos, quality, both top-k lists, verdict, timings).
@@ -356,10 +380,12 @@ def protect_and_search(engine: Engine, photo: Image.Image, strength: str = "mid"
     lap("find the face")
     before = engine.search(before_crop, engine_name, k, identity)
     lap("search before")
-    prot = protect_image(original, pert, detect=not face_crop_input)
+    prot = protect_image(original, pert, detect=not face_crop_input,
+                         refine_steps=refine_module.DEFAULT_STEPS if refine else 0,
+                         recognizer=_recognizer() if refine else None, progress=bool(progress))
     if not prot.faces_found:  # the crop-level detector found one, the photo-level did not: rare
         raise ProtectError(NO_FACE_PROTECT)
-    lap("protect")
+    lap("refine and protect" if refine else "protect")
     uploaded = postprocess.apply(prot.image, upload)
     lap("simulate upload")
     notes = list(prot.notes)
@@ -388,8 +414,8 @@ def protect_and_search(engine: Engine, photo: Image.Image, strength: str = "mid"
     return DemoResult(original, prot.image, uploaded, amplified, psnr, ssim, before, after, to_pil(before_crop),
                       to_pil(after_crop), target, identity is not None, hits_before, hits_after, hits_after > 0,
                       _verdict(engine_name, who, hits_before, hits_after, upload, k), engine_name,
-                      threat_tier(pert.card.get("surrogates", []), engine_name), strength, upload,
-                      list(prot.boxes), notes, timings)
+                      _tier(engine_name, strength, refine), strength, upload, list(prot.boxes), notes, timings,
+                      refine)
 
 
 def save_protected(image: Image.Image, folder: str | Path, stem: str = "photo") -> Path:
@@ -470,7 +496,8 @@ def _metrics(res: DemoResult) -> str:
     """The markdown under the photos: quality, faces, notes, time per step."""
     steps = " · ".join(f"{s} {v:.2f} s" for s, v in res.timings.items())
     lines = [f"**Quality** (largest face's square): PSNR {res.psnr:.1f} dB, SSIM {res.ssim:.3f} · "
-             f"strength **{res.strength}** (eps {round(_perturbation(res.strength).eps * 255)}/255) · "
+             f"strength **{res.strength}** (eps {round(_perturbation(res.strength).eps * 255)}/255, "
+             f"{'refined for this photo' if res.refined else 'universal'}) · "
              f"engine **{res.engine_name}**: *{res.tier}* · upload: **{res.upload}** · "
              f"photo {res.original.width}x{res.original.height}, {len(res.faces)} face"
              f"{'s' * (len(res.faces) != 1)} protected",
@@ -479,13 +506,12 @@ def _metrics(res: DemoResult) -> str:
     return "\n\n".join(lines)
 
 
-def build_demo(engine: Engine | None = None, opening: str | None = OPENING_PHOTO):
-    """The Gradio Blocks of the demo (``demo_app.py`` launches it).
+def build_demo(engine: Engine | None = None):
+    """The Gradio Blocks of the demo (``demo_app.py`` launches it), opening on the first example.
 
     Args:
         engine: the search engine (default: ``Engine()``, every zoo model); only its
             ``default_model`` is loaded before the page opens.
-        opening: identity of the shipped photo the page opens on (None or unknown: the first).
     """
     import gradio as gr
 
@@ -493,12 +519,11 @@ def build_demo(engine: Engine | None = None, opening: str | None = OPENING_PHOTO
     log.info("loading the database codes of %s (the page's first search then answers at once)", engine.default_model)
     engine._model_and_index(engine.default_model)
     exs = examples(engine)
-    first = next((i for i, e in enumerate(exs) if e.kind == "photo" and e.identity == opening), 0)
     thumbs = [(example_photo(engine, e).resize((96, 96), Image.BICUBIC), e.label) for e in exs]
     out_dir = Path(tempfile.mkdtemp(prefix="toap-demo-"))
 
-    def engine_choices(strength: str) -> list[tuple[str, str]]:
-        return [(engine_label(m, strength), m) for m in engine.models]
+    def engine_choices(strength: str, refine: bool = True) -> list[tuple[str, str]]:
+        return [(engine_label(m, strength, refine), m) for m in engine.models]
 
     def outputs(res: DemoResult, stem: str) -> tuple:
         dst = save_protected(res.protected, Path(tempfile.mkdtemp(dir=out_dir)), stem)
@@ -507,18 +532,21 @@ def build_demo(engine: Engine | None = None, opening: str | None = OPENING_PHOTO
         return (_shown(res.original), _shown(res.protected), _shown(res.amplified), verdict, _metrics(res),
                 _gallery(engine, res.before), _gallery(engine, res.after), str(dst))
 
-    def run(path, ex_index, strength: str, engine_name: str, upload: str, quality: float) -> tuple:
+    def run(path, ex_index, strength: str, engine_name: str, upload: str, quality: float, refine: bool,
+            progress=gr.Progress(track_tqdm=True)) -> tuple:
         """The page's main callback: an uploaded file (else the picked example) -> every output."""
         try:
             spec = upload_spec(upload, quality)
             if path:
                 photo, _ = open_photo(path)
-                res = protect_and_search(engine, photo, strength, engine_name, spec)
+                res = protect_and_search(engine, photo, strength, engine_name, spec, refine=bool(refine),
+                                         progress=refine)
                 stem = Path(path).stem
             elif ex_index is not None:
                 ex = exs[int(ex_index)]
                 res = protect_and_search(engine, example_photo(engine, ex), strength, engine_name, spec,
-                                         identity=ex.identity, face_crop_input=ex.kind == "face")
+                                         identity=ex.identity, face_crop_input=ex.kind == "face",
+                                         refine=bool(refine), progress=refine)
                 stem = ex.identity
             else:
                 raise gr.Error("Upload a photo, or pick a shipped example, first.")
@@ -530,12 +558,12 @@ def build_demo(engine: Engine | None = None, opening: str | None = OPENING_PHOTO
             gr.Info(res.notes[0])
         return outputs(res, stem)
 
-    def pick(evt: gr.SelectData, strength: str, engine_name: str, upload: str, quality: float):
-        return (None, evt.index, *run(None, evt.index, strength, engine_name, upload, quality))
+    def pick(evt: gr.SelectData, strength: str, engine_name: str, upload: str, quality: float, refine: bool):
+        return (None, evt.index, *run(None, evt.index, strength, engine_name, upload, quality, refine))
 
-    def restrength(path, ex_index, strength: str, engine_name: str, upload: str, quality: float):
-        return (gr.update(choices=engine_choices(strength), value=engine_name),
-                *run(path, ex_index, strength, engine_name, upload, quality))
+    def restrength(path, ex_index, strength: str, engine_name: str, upload: str, quality: float, refine: bool):
+        return (gr.update(choices=engine_choices(strength, refine), value=engine_name),
+                *run(path, ex_index, strength, engine_name, upload, quality, refine))
 
     # the plain search tab (no protection)
     def run_shipped(n: int, model_name: str):
@@ -561,12 +589,14 @@ def build_demo(engine: Engine | None = None, opening: str | None = OPENING_PHOTO
             "# Protect your photos from face search engines\n"
             "A face search engine turns a face into a binary hash code and returns the database faces "
             f"with the nearest codes. This one's database holds photos of {n_people} people no model "
-            "here was trained on, plus 2,000 others. **TOAP** (Lv et al., arXiv 2412.09692) adds one "
-            "small, fixed perturbation to every face so that the engine stops finding the person, "
-            "even after a platform re-compresses the photo. It opens on a photo where that works; "
-            "click the other examples: on most of them an engine on a real face recognizer still "
-            "finds the person, lower down. The protection weakens a search; it guarantees nothing, "
-            "least of all against an engine it was never tested on.")
+            "here was trained on, plus 2,000 others. The kit adds a small perturbation to every face so "
+            "that the engine finds the person less often, even after a platform re-compresses the photo: "
+            "one universal pattern (TOAP's idea, Lv et al., arXiv 2412.09692; milliseconds a photo), or, "
+            "with *refine for this photo*, each face's own pattern optimised against dlib's face network, "
+            "the backbone of the two real engines here (a few seconds a face). "
+            + (measured_sentence() + " " if measured_sentence() else "")
+            + "The protection weakens a search; it guarantees nothing, least of all against an engine "
+            "built on another network.")
         with gr.Tab("Protect"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=320):
@@ -575,12 +605,14 @@ def build_demo(engine: Engine | None = None, opening: str | None = OPENING_PHOTO
                     picker = gr.Gallery(thumbs, label="or pick a shipped example (click one)", columns=4,
                                         height=230, allow_preview=False, elem_id="examples")
                     strength_in = gr.Radio(list(STRENGTHS), value="mid", label="strength (eps 4, 8, 12 of 255)")
+                    refine_in = gr.Checkbox(value=True, label="refine for this photo (against dlib's network; "
+                                            "a few seconds a face)", elem_id="refine")
                     engine_in = gr.Dropdown(engine_choices("mid"), value=engine.default_model,
                                             label="face search engine (and what the protector knew about it)")
                     upload_in = gr.Dropdown(list(UPLOADS), value="facebook", label="simulate upload")
                     quality_in = gr.Slider(30, 100, value=75, step=1, label="JPEG quality (for upload = JPEG)")
                     go = gr.Button("Protect and search", variant="primary", elem_id="protect-button")
-                    example_state = gr.State(first)
+                    example_state = gr.State(0)
                 with gr.Column(scale=2):
                     verdict = gr.Markdown(elem_id="verdict")
                     with gr.Row():
@@ -594,14 +626,14 @@ def build_demo(engine: Engine | None = None, opening: str | None = OPENING_PHOTO
                                         height=330, elem_id="before-gallery")
                     after = gr.Gallery(label="after: top 10 for the protected photo, after the simulated upload",
                                        columns=5, height=330, elem_id="after-gallery")
-            controls = [strength_in, engine_in, upload_in, quality_in]
+            controls = [strength_in, engine_in, upload_in, quality_in, refine_in]
             outs = [shown_orig, shown_prot, shown_amp, verdict, metrics, before, after, download]
             go.click(run, [photo_in, example_state, *controls], outs, api_name="protect")
             # a new upload replaces the example
             photo_in.upload(lambda: None, None, example_state, api_visibility="private")
             picker.select(pick, controls, [photo_in, example_state, *outs], api_visibility="private")
-            strength_in.input(restrength, [photo_in, example_state, *controls], [engine_in, *outs],
-                              api_visibility="private")
+            for c in (strength_in, refine_in):
+                c.input(restrength, [photo_in, example_state, *controls], [engine_in, *outs], api_visibility="private")
             for c in (engine_in, upload_in):
                 c.input(run, [photo_in, example_state, *controls], outs, api_visibility="private")
             quality_in.release(run, [photo_in, example_state, *controls], outs, api_visibility="private")

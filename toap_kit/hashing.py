@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import device as config_device
+
 __all__ = [
     "CSQLoss",
     "HashNetLoss",
@@ -253,7 +255,7 @@ def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch
         config: epochs, batch size, learning rate, loss weights, early-stopping patience, seed.
         validate: ``model -> score`` (higher is better, e.g. validation mAP); with it the best
             epoch's weights are kept and training stops after ``patience`` epochs without gain.
-        device: where to train (default: CUDA if available, else CPU); the data stay on the
+        device: where to train (default: ``config.device()``); the data stay on the
             CPU, batches are moved, and the model returns to its own device at the end.
 
     AdamW with a one-cycle learning-rate schedule; batches by ``_batches``; augmentation
@@ -261,7 +263,7 @@ def train_hash_model(model: torch.nn.Module, images: torch.Tensor, labels: torch
     """
     if len(images) != len(labels) or (teacher is not None and len(teacher) != len(images)):
         raise ValueError("images, labels and teacher embeddings must have the same length")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else config_device()
     home = next(model.parameters()).device
     model.to(device)
     torch.manual_seed(config.seed)

@@ -11,16 +11,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data import DATA_DIR, check_pixels
 from .store import load_checked, read_card, save_with_card
 
-__all__ = ["PERTURBATION_DIR", "Perturbation"]
+__all__ = ["FEATHER", "PERTURBATION_DIR", "Perturbation", "feather_mask"]
 
 PERTURBATION_DIR = DATA_DIR / "perturbations"
 FORMAT_VERSION = 1
+FEATHER = 0.10
+"""Share of a face square's side over which a perturbation fades out at its edges (``toap protect``)."""
+
+
+def feather_mask(side: int, width: float = FEATHER) -> np.ndarray:
+    """``side x side`` float32 mask in [0, 1]: 1 inside, a raised cosine down towards 0 over the
+    outer ``width`` share of the side (at least one pixel)."""
+    i = np.arange(side, dtype=np.float32)
+    d = np.minimum(i + 0.5, side - i - 0.5)  # distance of each pixel centre to the nearest edge
+    r = max(1.0, width * side)
+    ramp = 0.5 - 0.5 * np.cos(np.pi * np.clip(d / r, 0, 1))
+    return np.outer(ramp, ramp).astype(np.float32)
 
 
 class Perturbation:

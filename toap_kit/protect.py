@@ -32,6 +32,11 @@ platform's copy, ``toap_kit.odd_inputs`` holds the bad-input corpus.
    eps-ball around the original pixels (faces whose squares overlap never add up beyond eps),
    then rounded: ``|protected - original| <= eps`` holds exactly on the stored pixels.
    Pixels outside the squares, and the alpha channel, are untouched.
+4. With ``refine_steps`` (``toap protect --refine``), step 3 adds each face's own delta instead:
+   the face squares are cut (as the cropper cuts them), resized to ``refine.WORK_SIDE`` and
+   refined together against dlib's network from the universal delta (``refine.refine_deltas``:
+   already feathered, within the same eps, under the refinement's PSNR floor), each resized
+   back to its square; the same clipping and rounding follow.
 
 Measured for this module (issue 12; ``docs/experiments/protect_jpeg_quality.py`` prints these
 numbers), with ``evaluate.Evaluator`` on the open-set protocol's
@@ -94,7 +99,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .data import CROP_SCALE, CROP_SHIFT_UP, IMAGE_SUFFIXES, _face_detector, sha256_file
-from .perturbation import Perturbation
+from .perturbation import FEATHER, Perturbation, feather_mask
 
 __all__ = ["DEFAULT_JPEG_QUALITY", "DEFAULT_STRENGTH", "DETECT_SIDE", "FEATHER", "MANIFEST", "MAX_PIXELS",
            "MIN_FACE_SIDE", "MIN_MEASURED_QUALITY", "ProtectError", "ProtectedPhoto", "STRENGTHS",
@@ -114,8 +119,6 @@ DETECT_SIDE = 500
 """Faces are detected on a copy whose long side is at most this many pixels (as ``data.face_box``)."""
 MIN_FACE_SIDE = 16
 """Face squares smaller than this (pixels of the photo) are not protected."""
-FEATHER = 0.10
-"""Share of a face square's side over which the perturbation fades out at its edges."""
 MAX_PIXELS = 100_000_000
 """Photos with more pixels are refused (a decompression bomb: a small file that decodes to GBs)."""
 MANIFEST = "toap-manifest.jsonl"
@@ -154,16 +157,6 @@ class ProtectedPhoto:
 
 
 # ---------------------------------------------------------------- one photo
-def feather_mask(side: int, width: float = FEATHER) -> np.ndarray:
-    """``side x side`` float32 mask in [0, 1]: 1 inside, a raised cosine down towards 0 over the
-    outer ``width`` share of the side (at least one pixel)."""
-    i = np.arange(side, dtype=np.float32)
-    d = np.minimum(i + 0.5, side - i - 0.5)  # distance of each pixel centre to the nearest edge
-    r = max(1.0, width * side)
-    ramp = 0.5 - 0.5 * np.cos(np.pi * np.clip(d / r, 0, 1))
-    return np.outer(ramp, ramp).astype(np.float32)
-
-
 def _8bit(image: Image.Image) -> Image.Image:
     """``image`` in a mode Pillow resizes and turns into RGB (16-bit: its top byte)."""
     if image.mode.startswith("I"):
@@ -261,13 +254,61 @@ def _patch(perturbation: Perturbation, side: int) -> np.ndarray:
     return d * feather_mask(side)[:, :, None]
 
 
-def protect_image(image: Image.Image, perturbation: Perturbation, detect: bool = True) -> ProtectedPhoto:
+def _square(rgb: Image.Image, box: tuple[int, int, int]) -> np.ndarray:
+    """``side x side x 3`` uint8: the face square ``box = (x0, y0, side)`` of an RGB photo,
+    edge-replicated where it leaves the photo (as ``data.crop_face`` cuts it)."""
+    x0, y0, s = box
+    w, h = rgb.size
+    inside = np.asarray(rgb.crop((max(0, x0), max(0, y0), min(w, x0 + s), min(h, y0 + s))))
+    pads = ((max(0, -y0), max(0, y0 + s - h)), (max(0, -x0), max(0, x0 + s - w)), (0, 0))
+    return np.pad(inside, pads, mode="edge") if any(sum(p) for p in pads) else inside
+
+
+def _resized(t: torch.Tensor, side: int) -> torch.Tensor:
+    """``N x 3 x S x S`` resized to ``side`` (bilinear; antialiased when shrinking)."""
+    if t.shape[-1] == side:
+        return t
+    return torch.nn.functional.interpolate(t, size=(side, side), mode="bilinear", align_corners=False,
+                                           antialias=side < t.shape[-1])
+
+
+def _refined_patches(image: Image.Image, boxes: list[tuple[int, int, int]], perturbation: Perturbation, steps: int,
+                     seed: int, recognizer, progress: bool) -> list[np.ndarray]:
+    """Each face square's own refined delta (``side x side x 3``, feathered, pixel units): the
+    squares are refined together at ``refine.WORK_SIDE`` from the universal delta, then each
+    delta is resized back to its square."""
+    from . import refine  # the refinement loads dlib's network: only when asked for
+
+    if not boxes:
+        return []
+    rgb = _8bit(image).convert("RGB")
+    side = refine.WORK_SIDE
+    faces = _resized(torch.from_numpy(np.stack([_square(rgb, b) for b in boxes])).permute(0, 3, 1, 2).float() / 255,
+                     side).clamp(0, 1)
+    config = refine.config_for(perturbation.eps, steps, seed)
+    init = perturbation.resized(side, side)[None].expand(len(boxes), -1, -1, -1)
+    deltas = refine.refine_deltas(faces, config=config, recognizer=recognizer, init=init, progress=progress)
+    out = []
+    for d, (_, _, s) in zip(deltas, boxes):
+        big = (cv2.resize(np.ascontiguousarray(d.permute(1, 2, 0).numpy()), (s, s), interpolation=cv2.INTER_LINEAR)
+               if s > side else _resized(d[None], s)[0].permute(1, 2, 0).numpy())
+        out.append(np.clip(big, -perturbation.eps, perturbation.eps))
+    return out
+
+
+def protect_image(image: Image.Image, perturbation: Perturbation, detect: bool = True, refine_steps: int = 0,
+                  seed: int = 0, recognizer=None, progress: bool = False) -> ProtectedPhoto:
     """Add ``perturbation`` to every face of ``image`` at its full resolution.
 
     Args:
         image: a PIL photo, any size (see the module docstring for the modes); not modified.
         perturbation: the universal delta (pixel units of [0, 1], ``|delta| <= eps``).
         detect: find the faces (dlib's HOG detector); False: the central square is the face.
+        refine_steps: 0: the universal delta; N > 0: each face gets its own delta, refined for
+            N steps against dlib's network (``refine.refine_deltas``, same eps as
+            ``perturbation``, the refinement's PSNR floor, started from the universal delta).
+        seed: the refinement's seed; ``recognizer``: a loaded ``refine.KnownRecognizer`` to reuse;
+            ``progress``: a tqdm bar for the refinement.
 
     Returns:
         ``ProtectedPhoto``; without a face, its image is the upright photo unchanged and
@@ -284,10 +325,12 @@ def protect_image(image: Image.Image, perturbation: Perturbation, detect: bool =
     rects = [(max(0, x0), max(0, y0), min(w, x0 + s), min(h, y0 + s)) for x0, y0, s in boxes]
     originals = [np.asarray(out.crop(r)) for r in rects]  # before any square changes (squares may overlap)
     lim = math.floor(perturbation.eps * scale + 1e-6)  # the eps-ball in stored integer levels
-    for (x0, y0, s), r, before in zip(boxes, rects, originals):
+    patches = (_refined_patches(out, boxes, perturbation, refine_steps, seed, recognizer, progress) if refine_steps
+               else [_patch(perturbation, s) for _, _, s in boxes])
+    for (x0, y0, s), r, before, patch in zip(boxes, rects, originals, patches):
         if r[0] >= r[2] or r[1] >= r[3]:
             continue
-        p = _patch(perturbation, s)[r[1] - y0:r[3] - y0, r[0] - x0:r[2] - x0]
+        p = patch[r[1] - y0:r[3] - y0, r[0] - x0:r[2] - x0]
         if kind == "grey":
             p = p @ LUMA  # what "protect in RGB, convert back to L" adds
         step = np.clip(np.rint(p * (-scale if kind == "cmyk" else scale)), -lim, lim).astype(np.int32)
@@ -551,7 +594,7 @@ def _check_quality(q: int | None) -> int:
 
 def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbation: Perturbation, detect: bool = True,
                   no_face: str = "skip", jpeg_quality: int | None = None, keep_exif: bool = False,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, refine_steps: int = 0) -> list[dict]:
     """Protect photos (files, or folders searched recursively) into ``out_dir``.
 
     Args:
@@ -563,7 +606,9 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
             (``"copy"``, through the same writer: orientation applied, metadata stripped).
         jpeg_quality: quality of JPEG outputs (default ``DEFAULT_JPEG_QUALITY``; lower warns).
         keep_exif: write the original EXIF back (orientation set to 1); default: no EXIF.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (and one per photo for the refinement).
+        refine_steps: 0: the universal delta; N > 0: every face refined for N steps against
+            dlib's network (``protect_image``; a few seconds a face on a laptop).
 
     Returns:
         One manifest row per photo of this run (``status``: ``protected``, ``copied``,
@@ -578,6 +623,8 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
     if no_face not in ("skip", "copy"):
         raise ProtectError(f"no_face must be 'skip' or 'copy', got {no_face!r}")
     quality = _check_quality(jpeg_quality)
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, (int, np.integer)) or refine_steps < 0:
+        raise ProtectError(f"refine steps must be a whole number >= 0, got {refine_steps!r}")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     jobs = _jobs(inputs, out_dir)
@@ -589,18 +636,35 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
     manifest = out_dir / MANIFEST
     previous = {r.get("target"): r for r in read_manifest(manifest) if r.get("target")}
     pinfo = _perturbation_info(perturbation)
-    settings = {"detect": detect, "no_face": no_face, "jpeg_quality": quality, "keep_exif": keep_exif}
+    settings = {"detect": detect, "no_face": no_face, "jpeg_quality": quality, "keep_exif": keep_exif,
+                "refine_steps": int(refine_steps)}
+    refine = _Refiner(int(refine_steps), progress)
     rows = []
     with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
         for src, dst, error in tqdm(jobs, desc="protect", unit="photo", disable=not progress):
             rows.append(_protect_or_report(src, dst, error, perturbation, previous, manifest, pinfo, settings,
-                                           quality, keep_exif, no_face, detect))
+                                           quality, keep_exif, no_face, detect, refine))
     return rows
+
+
+class _Refiner:
+    """``protect_image`` for a batch: with refinement, dlib's network is loaded once, on the
+    first photo that needs it."""
+
+    def __init__(self, steps: int, progress: bool):
+        self.steps, self.progress, self._rec = steps, progress, None
+
+    def __call__(self, image: Image.Image, perturbation: Perturbation, detect: bool) -> ProtectedPhoto:
+        if self.steps and self._rec is None:
+            from .refine import KnownRecognizer
+
+            self._rec = KnownRecognizer()
+        return protect_image(image, perturbation, detect, self.steps, recognizer=self._rec, progress=self.progress)
 
 
 def _protect_or_report(src: Path, dst: Path | None, error: str | None, perturbation: Perturbation,
                        previous: dict, manifest: Path, pinfo: dict, settings: dict, quality: int, keep_exif: bool,
-                       no_face: str, detect: bool) -> dict:
+                       no_face: str, detect: bool, refine: "_Refiner") -> dict:
     """One photo of ``protect_files``: its manifest row; any failure becomes an ``error`` row."""
     t0 = time.perf_counter()
     row = {"input": str(src), "target": None if dst is None else str(dst), "output": None, "status": "error",
@@ -610,7 +674,7 @@ def _protect_or_report(src: Path, dst: Path | None, error: str | None, perturbat
     if error is None:
         try:
             row = _protect_one(src, dst, row, perturbation, previous.get(str(dst)), manifest, quality,
-                               keep_exif, no_face, detect, t0)
+                               keep_exif, no_face, detect, t0, refine)
         except ProtectError as e:
             row.update(status="error", output=None, output_sha256=None, output_bytes=None, error=str(e))
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
@@ -643,7 +707,7 @@ def _same_file(dst: Path, prev: dict | None) -> bool:
 
 
 def _protect_one(src: Path, dst: Path, row: dict, perturbation: Perturbation, prev: dict | None, manifest: Path,
-                 quality: int, keep_exif: bool, no_face: str, detect: bool, t0: float) -> dict:
+                 quality: int, keep_exif: bool, no_face: str, detect: bool, t0: float, refine: "_Refiner") -> dict:
     try:
         in_sha = sha256_file(src)
     except OSError as e:
@@ -654,7 +718,7 @@ def _protect_one(src: Path, dst: Path, row: dict, perturbation: Perturbation, pr
     if dst.exists() and not _same_file(dst, prev):
         raise ProtectError(f"{dst} already exists and was not written by toap protect: not overwritten")
     img, source = open_photo(src)
-    res = protect_image(img, perturbation, detect)
+    res = refine(img, perturbation, detect)
     row.update(format=_WRITABLE[source.format], faces=len(res.boxes), boxes=[list(b) for b in res.boxes],
                notes=source.notes + res.notes)
     if source.format == "MPO":
@@ -706,12 +770,8 @@ def face_crop(image: Image.Image, size: int = 112) -> tuple[torch.Tensor, bool]:
     photo, resized (bicubic, antialiased) to ``3 x size x size`` in [0, 1]. Only the square is
     converted to floats, so a 12-megapixel photo costs little more than its detection."""
     rgb = _8bit(image).convert("RGB")
-    w, h = rgb.size
     boxes = face_boxes(rgb)
-    x0, y0, s = boxes[0] if boxes else _central_square(w, h)
-    inside = np.asarray(rgb.crop((max(0, x0), max(0, y0), min(w, x0 + s), min(h, y0 + s))))
-    pads = ((max(0, -y0), max(0, y0 + s - h)), (max(0, -x0), max(0, x0 + s - w)), (0, 0))
-    square = np.pad(inside, pads, mode="edge") if any(sum(p) for p in pads) else inside
+    square = _square(rgb, boxes[0] if boxes else _central_square(*rgb.size))
     t = torch.from_numpy(np.array(square, dtype=np.float32)).permute(2, 0, 1).div_(255)
     crop = torch.nn.functional.interpolate(t[None], size=(size, size), mode="bicubic", align_corners=False,
                                            antialias=True)[0].clamp(0, 1)

@@ -7,15 +7,18 @@ both threat settings, and every row names its **threat tier** (``toap.threat_tie
 from the surrogates on the perturbation's card:
 
 - methods: ``noise`` (random sign noise), ``pgd`` (per-image, on the small-CNN surrogates),
-  ``uap`` (``uap-mid-cnn``, ``uap-mid``), ``toap`` (``toap-mid-cnn``, ``toap-low/mid/high``) and
-  TOAP's ablations (``toap-no-cg``, ``toap-no-alt``, ``toap-no-meta``, ``toap-no-robust``: the
+  ``uap`` (``uap-mid-cnn``, ``uap-mid``), ``toap`` (``toap-mid-cnn``; ``toap-mid-mixed``, the
+  previous ladder's recipe), ``dlib-first`` (the user's ladder ``toap-low/mid/high``), ``refine``
+  (``refine-mid``: each face's own delta, ``refine.refine_faces`` at mid strength) and TOAP's ablations (``toap-no-cg``, ``toap-no-alt``, ``toap-no-meta``, ``toap-no-robust``: the
   ``toap-mid-cnn`` recipe with one part switched off, trained here and cached in
   ``results/perturbations/``);
 - post-processing: ``POSTS`` (query setting), ``DB_POSTS`` (database setting), and the
   end-to-end photo rows ``photo:<profile>`` (the perturbation added to the face region of a
   whole photo, the profile applied to the whole photo, the face cut out again by the kit's
   cropper, then the engine);
-- the quality/protection trade-off (``tradeoff``) and the honest limits (``limits``).
+- the quality/protection trade-off (``tradeoff``), the honest limits (``limits``), and the
+  per-photo table (``per_photo``): each shipped example photo x strength x {universal, refined}
+  x dlib engine, the person's photos in the top 10 before and after Facebook's profile.
 
 Outputs in ``results/``: ``toap.json`` (everything), ``toap.csv`` (the rows), ``toap.md`` (the
 README's tables) and figures (``tradeoff.png``, ``robustness.png``).
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,13 +41,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import artifacts, attacks, data, evaluate, postprocess, retrieval, toap, zoo
+from . import artifacts, attacks, data, evaluate, postprocess, protect, refine, retrieval, toap, zoo
 from .config import OUTPUT_DIR
 from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
-__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "PARTS", "PHOTO_SIDES", "POSTS", "RESULTS_DIR", "TRADEOFF_EPS", "Purified",
-           "annotate_cards", "figures", "limits", "markdown", "merge", "photo_rows", "protect_photo", "run", "targets", "tradeoff", "write"]
+__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS",
+           "Purified", "annotate_cards", "figures", "limits", "markdown", "merge", "per_photo", "per_photo_sentence",
+           "targets_known",
+           "photo_rows", "protect_photo", "refined", "reuse_rows", "run", "targets", "tradeoff", "write"]
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
@@ -55,7 +61,10 @@ WHITEBOX_POSTS = ("none", "jpeg:75", "resize:0.5")
 ABLATIONS = {"toap-no-cg": {"cg": False, "alternate": False}, "toap-no-alt": {"alternate": False},
              "toap-no-meta": {"meta": False}, "toap-no-robust": {"robust": False}}
 TRADEOFF_EPS = (2, 4, 6, 8, 12)
-PARTS = ("grid", "ablations", "photos", "tradeoff", "limits")
+PARTS = ("grid", "ablations", "photos", "tradeoff", "limits", "per_photo")
+REFINED = "refine-mid"
+"""The rows of the per-photo refinement: ``refine.refine_faces(..., "mid")`` at its default steps."""
+REFINE_CHUNK = 128  # faces refined (and cached) together
 PHOTO_SIDES = (250, 1000, 2000)
 
 
@@ -127,6 +136,43 @@ def _method(p: Perturbation) -> str:
     return name if name in ABLATIONS else p.card["method"]
 
 
+# ------------------------------------------------------------------ the refinement, cached
+def refined(images: torch.Tensor, steps: int | None = None, cache: Path | None = None, progress: bool = True,
+            start: str = "toap-mid") -> torch.Tensor:
+    """``refine.refine_faces(images, "mid", steps)`` started from the shipped universal ``start``
+    (as ``toap protect --refine`` starts), in chunks of ``REFINE_CHUNK`` faces, each chunk cached
+    in ``cache`` (default ``outputs/results/refined``) under a hash of its pixels, the start and
+    the refinement's config, so a stopped run resumes and a rerun does not refine again."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = refine.strength_config("mid", steps)
+    universal = Perturbation.load(start)
+    cache = cache or OUTPUT_DIR / "results" / "refined"
+    cache.mkdir(parents=True, exist_ok=True)
+    rec, out = None, []
+    for i in tqdm(range(0, len(images), REFINE_CHUNK), desc="refine (chunks)", disable=not progress):
+        x = images[i:i + REFINE_CHUNK].contiguous()
+        init = universal.resized(*x.shape[-2:])[None].expand(len(x), -1, -1, -1)
+        key = hashlib.sha256(x.numpy().tobytes() + init.numpy().tobytes()
+                             + json.dumps(asdict(cfg)).encode()).hexdigest()[:24]
+        path = cache / f"{key}.safetensors"
+        if path.is_file():
+            out.append(load_file(path)["protected"])
+            continue
+        rec = rec or refine.KnownRecognizer()
+        y = refine.refine_faces(x, config=cfg, recognizer=rec, init=init)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"protected": y.contiguous()}, str(tmp))
+        tmp.replace(path)
+        out.append(y)
+    return torch.cat(out) if out else images.clone()
+
+
+def _refine_protection(steps: int | None) -> tuple[str, Callable, None, list[str]]:
+    """The grid's entry for the refinement (it is per image: no perturbation card)."""
+    return ("refine", lambda x: refined(x, steps), None, [toap.DLIB_DESCRIPTOR])
+
+
 # ------------------------------------------------------------------ photos
 def protect_photo(photo: torch.Tensor, perturbation: Perturbation, box: tuple[int, int, int]) -> torch.Tensor:
     """``photo`` (``3 x H x W`` in [0, 1]) with ``perturbation`` resized to the face ``box``
@@ -149,12 +195,16 @@ def _photos(eval_identities: Sequence[str]) -> tuple[list[torch.Tensor], list[st
 
 
 def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Module], sets: data.RetrievalSets,
-               identities: list[str], profiles: Sequence[str], sides: Sequence[int] = PHOTO_SIDES) -> list[dict]:
+               identities: list[str], profiles: Sequence[str], sides: Sequence[int] = PHOTO_SIDES,
+               refine_steps: int | None = None) -> list[dict]:
     """End-to-end rows ``photo:<profile>`` (query setting): each shipped photo of an evaluation
     identity, upscaled to each of ``sides``, protected on its face box, sent through the whole-
     photo profile, cut out again by ``data.crop_face``, searched in the clean database. The
     clean baseline takes the same path without the perturbation. One row per perturbation x
-    victim x profile, pooling the sides (queries = photos x sides)."""
+    victim x profile, pooling the sides (queries = photos x sides). With ``refine_steps`` (0:
+    the refinement's default) the ``REFINED`` rows are added: each photo protected as ``toap
+    protect --refine`` does it (``protect.protect_image``: faces found on the photo, each refined
+    from ``toap-mid``, feathered, rounded to 8 bits)."""
     photos, names = _photos(identities)
     label_of = {n: i for i, n in enumerate(data.load_faceset("lfw158", 32).identities)}
     labels = torch.tensor([label_of[n] for n in names for _ in sides])
@@ -166,27 +216,91 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
             big.append(ph if side == ph.shape[-1] else F.interpolate(ph[None], size=(side, side), mode="bicubic",
                                                                      align_corners=False)[0].clamp(0, 1))
             boxes.append((round(b[0] * f), round(b[1] * f), round(b[2] * f)))
+    protections = {pname: (p, lambda im, box, p=p: protect_photo(im, p, box)) for pname, p in perturbations.items()}
+    if refine_steps is not None:
+        rec, mid = refine.KnownRecognizer(), Perturbation.load("toap-mid")
 
-    def crops(prof: str, p: Perturbation | None) -> torch.Tensor:
-        out = []
-        for im, box in zip(big, boxes):
-            x = protect_photo(im, p, box) if p is not None else im
-            out.append(data.crop_face(postprocess.apply(x[None], prof)[0], 112)[0])
-        return torch.stack(out)
+        def refine_photo(im: torch.Tensor, box) -> torch.Tensor:
+            out = protect.protect_image(postprocess.to_pil(im), mid, refine_steps=refine_steps or refine.DEFAULT_STEPS,
+                                        recognizer=rec)
+            return postprocess.from_pil(out.image)
+
+        protections[REFINED] = (None, refine_photo)
+
+    def crops(prof: str, images: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([data.crop_face(postprocess.apply(x[None], prof)[0], 112)[0] for x in images])
 
     rows = []
     db_codes = {n: m.encode(sets.db_images) for n, m in victims.items()}
-    for prof in tqdm(profiles, desc="photo rows"):
-        clean = crops(prof, None)
-        clean_codes = {n: m.encode(clean) for n, m in victims.items()}
-        for pname, p in perturbations.items():
-            prot = crops(prof, p)
+    clean = {prof: crops(prof, big) for prof in profiles}
+    clean_codes = {(prof, n): m.encode(clean[prof]) for prof in profiles for n, m in victims.items()}
+    for pname, (p, add) in tqdm(protections.items(), desc="photo rows"):
+        protected = [add(im, box) for im, box in zip(big, boxes)]  # once per photo, every profile reuses it
+        meta = {} if p is not None else {"method": "refine", "surrogates": [toap.DLIB_DESCRIPTOR]}
+        for prof in profiles:
+            prot = crops(prof, protected)
             for vn, m in victims.items():
-                before = retrieval.evaluate(retrieval.hamming_distance(clean_codes[vn], db_codes[vn]), labels, sets.db_labels)
+                before = retrieval.evaluate(retrieval.hamming_distance(clean_codes[prof, vn], db_codes[vn]), labels, sets.db_labels)
                 after = retrieval.evaluate(retrieval.hamming_distance(m.encode(prot), db_codes[vn]), labels, sets.db_labels)
                 rows.append(_row(p, pname, vn, "query", f"photo:{prof}", before.map_all, after.map_all,
-                                 evaluate.psnr(prot, clean), evaluate.ssim(prot, clean)))
+                                 evaluate.psnr(prot, clean[prof]), evaluate.ssim(prot, clean[prof]), **meta))
     return rows
+
+
+def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identities: list[str],
+              strengths: Sequence[str] = tuple(protect.STRENGTHS), refine_steps: int | None = None,
+              profile: str = "facebook", k: int = 10) -> list[dict]:
+    """What the demo shows, for every shipped example photo (the 250x250 photos of evaluation
+    identities): for each strength x {universal, refined} x engine, how many of the person's
+    photos the engine's top ``k`` holds (tie-aware expectation) for the original and for the
+    protected photo, both after ``profile`` (the demo's pipeline: ``protect.protect_image`` on the
+    whole photo, the profile, ``protect.face_crop``)."""
+    photos, names = _photos(identities)
+    label_of = {n: i for i, n in enumerate(data.load_faceset("lfw158", 32).identities)}
+    rec = refine.KnownRecognizer() if refine_steps is not None else None
+    db_codes = {n: m.encode(sets.db_images) for n, m in engines.items()}
+    rows = []
+
+    def hits(codes: torch.Tensor, vn: str, label: int) -> float:
+        dist = retrieval.hamming_distance(codes, db_codes[vn])
+        return k * retrieval.precision_at_k(dist, torch.tensor([label]), sets.db_labels, k)
+
+    for ph, name in tqdm(list(zip(photos, names)), desc="per-photo table"):
+        pil = postprocess.to_pil(ph)
+        clean = protect.face_crop(postprocess.apply(pil, profile), 112)[0][None]
+        for strength in strengths:
+            pert = Perturbation.load(protect.STRENGTHS[strength])
+            ways = {"universal": 0, **({"refined": refine_steps or refine.DEFAULT_STEPS} if rec else {})}
+            for way, steps in ways.items():
+                t = time.perf_counter()
+                out = protect.protect_image(pil, pert, refine_steps=steps, recognizer=rec)
+                seconds = time.perf_counter() - t
+                crop = protect.face_crop(postprocess.apply(out.image, profile), 112)[0][None]
+                q = postprocess.from_pil(out.image)[None]
+                for vn, m in engines.items():
+                    rows.append({"photo": name, "strength": strength, "way": way, "engine": vn, "profile": profile,
+                                 "tier": toap.threat_tier(pert.card["surrogates"] if way == "universal"
+                                                          else [toap.DLIB_DESCRIPTOR], vn),
+                                 "hits_before": hits(m.encode(clean), vn, label_of[name]),
+                                 "hits_after": hits(m.encode(crop), vn, label_of[name]),
+                                 "psnr": evaluate.psnr(q, postprocess.from_pil(pil)[None]), "seconds": seconds})
+    return rows
+
+
+def per_photo_sentence(result: dict, engine: str = "dlib_itq_32", strength: str = "mid") -> str:
+    """One sentence on how many shipped example photos leave ``engine``'s top 10 after the
+    profile, universal vs refined, from a results run's ``per_photo`` rows ("" if it has none)."""
+    rows = [r for r in result.get("per_photo", []) if r["engine"] == engine and r["strength"] == strength]
+    ways = {w: [r for r in rows if r["way"] == w] for w in ("universal", "refined")}
+    if not rows or not all(ways.values()):
+        return ""
+    out = {w: sum(r["hits_after"] < 0.5 for r in rs) for w, rs in ways.items()}
+    n, prof = len(ways["refined"]), rows[0]["profile"]
+    before = sum(r["hits_before"] >= 0.5 for r in ways["refined"])
+    return (f"Measured on the {n} shipped example photos (`make results`): after the {prof} profile, "
+            f"{engine} finds the person in its top 10 for {before} of {n} originals; protected at {strength} "
+            f"strength, {out['universal']} of {n} leave its top 10 with the universal perturbation and "
+            f"{out['refined']} of {n} with the per-photo refinement.")
 
 
 # ------------------------------------------------------------------ rows
@@ -216,15 +330,57 @@ def _journal_read(journal: Path | None) -> dict[str, list[dict]]:
     return done
 
 
+def _ident(pname: str, p: Perturbation | None, baseline_id: str) -> str:
+    """What a grid item's key says about its protection: the sha256 of the delta, or the
+    baseline's name and settings."""
+    return hashlib.sha256(p.delta.numpy().tobytes()).hexdigest() if p is not None else f"{pname}:{baseline_id}"
+
+
+def _item_key(pname: str, ident: str, setting: str, post: str, victim: str, sizes: list[int]) -> str:
+    return hashlib.sha256(json.dumps([pname, ident, setting, post, victim, zoo.card(victim)["sha256"],
+                                      sizes]).encode()).hexdigest()
+
+
+def reuse_rows(previous: dict, protections: dict[str, tuple], victims: Sequence[str], sets: data.RetrievalSets,
+               journal: Path, baseline_id: str) -> int:
+    """Seed the grid's journal with the rows of an earlier full result (``results/toap.json``)
+    whose inputs are byte-identical now, so that a rerun measures only what changed: a
+    perturbation whose tensor file has the sha256 its card had in that result (under any name: a
+    renamed one keeps its rows, under its new name), a baseline with the same ``baseline_id``,
+    the same victims' weights and sets' sizes, and the same protocol. Photo rows are not reused
+    (they are not journalled). Returns the rows written."""
+    sizes = [len(sets.query_images), len(sets.db_images)]
+    if previous.get("fast") or len(previous.get("rows", [])) == 0:
+        return 0
+    old_name = {card.get("sha256"): name for name, card in previous.get("perturbations", {}).items()}
+    done, wrote = _journal_read(journal), 0
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    with open(journal, "a") as f:
+        for pname, (_, _, p, _) in protections.items():
+            before = old_name.get(p.card.get("sha256")) if p is not None else pname
+            if before is None:
+                continue
+            ident = _ident(pname, p, baseline_id)
+            for r in previous["rows"]:
+                if r["perturbation"] != before or r["victim"] not in victims or r["post"].startswith("photo:"):
+                    continue
+                key = _item_key(pname, ident, r["setting"], r["post"], r["victim"], sizes)
+                if key not in done:
+                    f.write(json.dumps({"key": key, "rows": [{**r, "perturbation": pname}]}) + "\n")
+                    done[key], wrote = [r], wrote + 1
+    return wrote
+
+
 def _grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[str]]], victims: dict[str, nn.Module],
           sets: data.RetrievalSets, posts: Sequence[str], db_posts: Sequence[str], whitebox_posts: Sequence[str],
-          eps: float, journal: Path | None = None, baseline_id: str = "") -> list[dict]:
+          eps: float, journal: Path | None = None, baseline_id: str = "",
+          baseline_ids: dict[str, str] | None = None) -> list[dict]:
     """Every protection x setting x post x victim; each protected set is post-processed once and
     shared by all victims' evaluators. With ``journal`` (a JSON-lines file) every measured
     protection x setting x post x victim is appended to it, and a rerun (with these victims or
     others) reads those back instead of measuring them again: the key holds a sha256 of the
-    perturbation's delta (``baseline_id`` for the baselines), the victim's sha256 and the sets'
-    sizes, so a changed input is measured anew."""
+    perturbation's delta (for a protection without one: ``baseline_ids[name]``, else
+    ``baseline_id``), the victim's sha256 and the sets' sizes, so a changed input is measured anew."""
     rows = []
     evaluators = {vn: evaluate.Evaluator(m, sets) for vn, m in victims.items()}
     own = sets.db_source >= 0
@@ -232,13 +388,11 @@ def _grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[
     sizes = [len(sets.query_images), len(sets.db_images)]
     bar = tqdm(total=len(protections) * (len(posts) + len(db_posts)), desc="results grid")
     for pname, (method, protect, p, surrogates) in protections.items():
-        ident = (hashlib.sha256(p.delta.numpy().tobytes()).hexdigest() if p is not None
-                 else f"{pname}:{baseline_id}")
+        ident = _ident(pname, p, (baseline_ids or {}).get(pname, baseline_id))
         for setting, plist in (("query", posts), ("database", db_posts)):
             protected = None
             for post in plist:
-                todo = {vn: hashlib.sha256(json.dumps([pname, ident, setting, post, vn, zoo.card(vn)["sha256"],
-                                                       sizes]).encode()).hexdigest()
+                todo = {vn: _item_key(pname, ident, setting, post, vn, sizes)
                         for vn in evaluators if not (vn in surrogates and post not in whitebox_posts)}
                 if protected is None and any(k not in done for k in todo.values()):
                     # computed once per setting, only if some item needs it
@@ -326,36 +480,45 @@ def _refit_head(engine: RecognizerHash, clean: torch.Tensor, protected: torch.Te
 
 
 def limits(perturbations: dict[str, Perturbation], engines: dict[str, RecognizerHash], sets: data.RetrievalSets,
-           train_faces: torch.Tensor, purifiers: Sequence[str] = ("jpeg:50", "median:3", "resize:0.5")) -> list[dict]:
+           train_faces: torch.Tensor, purifiers: Sequence[str] = ("jpeg:50", "median:3", "resize:0.5"),
+           refine_steps: int | None = None, refine_train: int = 256) -> list[dict]:
     """Honest limits on the real-recognizer engines (query setting): an engine that purifies
     every image (database and queries) before hashing, and one that fine-tunes its hash layer
-    on the protected training faces (``_refit_head``: it knows the perturbation)."""
+    on the protected training faces (``_refit_head``: it knows the protection). With
+    ``refine_steps`` the refinement (``REFINED``) is measured too; its engine owner fine-tunes on
+    the first ``refine_train`` training faces refined (refining all of them would take an hour)."""
+    protections = {n: (p, p.apply, train_faces) for n, p in perturbations.items()}
+    if refine_steps is not None:
+        protections[REFINED] = (None, lambda x: refined(x, refine_steps or None, progress=False), train_faces[:refine_train])
     rows = []
     purified = {(vn, spec): evaluate.Evaluator(Purified(engine, spec), sets)  # purified clean database once
                 for vn, engine in engines.items() for spec in purifiers}
-    for pname, vn in tqdm([(pn, vn) for pn in perturbations for vn in engines], desc="limits"):
-        p, engine = perturbations[pname], engines[vn]
+    for pname, vn in tqdm([(pn, vn) for pn in protections for vn in engines], desc="limits"):
+        (p, apply, train), engine = protections[pname], engines[vn]
+        meta = {} if p is not None else {"method": "refine", "surrogates": [toap.DLIB_DESCRIPTOR]}
         for spec in purifiers:
-            r = purified[vn, spec](p.apply, "query", "none")
-            rows.append({**_row(p, pname, vn, "query", "none", r.map_clean, r.map_after, r.psnr, r.ssim),
+            r = purified[vn, spec](apply, "query", "none")
+            rows.append({**_row(p, pname, vn, "query", "none", r.map_clean, r.map_after, r.psnr, r.ssim, **meta),
                          "engine": f"purifies with {spec}"})
-        refit = evaluate.Evaluator(_refit_head(engine, train_faces, p.apply(train_faces)), sets)  # its database once
+        refit = evaluate.Evaluator(_refit_head(engine, train, apply(train)), sets)  # its database once
         for post in ("none", "jpeg:75"):
-            r = refit(p.apply, "query", post)
-            rows.append({**_row(p, pname, vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim),
-                         "engine": "hash layer fine-tuned on protected training faces"})
+            r = refit(apply, "query", post)
+            rows.append({**_row(p, pname, vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim, **meta),
+                         "engine": f"hash layer fine-tuned on {len(train)} protected training faces"})
     return rows
 
 
 # ------------------------------------------------------------------ the run
 def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str] = PARTS,
-        victims: Sequence[str] | None = None, eps: float = 8 / 255, pgd_steps: int = 10, seed: int = 0) -> dict:
+        victims: Sequence[str] | None = None, eps: float = 8 / 255, pgd_steps: int = 10, seed: int = 0,
+        reuse: Path | None = RESULTS_DIR / "toap.json") -> dict:
     """The whole results run (see the module docstring), or only some of ``PARTS`` (the
     perturbations it trains are cached in ``cache``, default ``results/perturbations``, or
     ``outputs/results-fast/perturbations`` in fast mode, so a stopped run resumes);
     ``fast`` (default: ``TOAP_FAST``) shrinks every size to a CI smoke run that checks the
     pipeline, not the claims. ``victims`` (default: the whole zoo) lets a run be split across
-    processes; ``merge`` joins the parts."""
+    processes; ``merge`` joins the parts. ``reuse``: an earlier full result whose grid rows of
+    byte-identical inputs are taken over instead of measured again (``reuse_rows``; None: none)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
@@ -373,13 +536,14 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
     if fast:
         data_ = (data_[0][:200], data_[1][:200], data_[2][:16], data_[3] + " (fast: first 200)")
     victims = _victims(victims or (zoo.names() if not fast else ["mobilenet_csq_32", "vgg_dpsh_32", "dlib_itq_32"]))
-    shipped = {n: Perturbation.load(n) for n in ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-low", "toap-mid", "toap-high")
-               if n in Perturbation.shipped()}
+    shipped = {n: Perturbation.load(n) for n in ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-mid-mixed", "toap-low",
+                                                 "toap-mid", "toap-high") if n in Perturbation.shipped()}
     ablations = ({n: _ablation(n, data_, cache, fast) for n in ABLATIONS}
                  if "ablations" in parts else {})
+    steps = 10 if fast else None  # the refinement's steps (None: its default)
     cnn = list(artifacts.CNN_SURROGATES)
     protections: dict[str, tuple] = {}
-    if "grid" in parts:  # the baselines and the shipped perturbations
+    if "grid" in parts:  # the baselines, the shipped perturbations and the refinement
         surrogates = list(toap.load_surrogates(cnn).values())
 
         def noise(x: torch.Tensor) -> torch.Tensor:  # one draw per set (called once per setting)
@@ -393,27 +557,42 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
         protections["pgd-cnn"] = ("pgd", pgd, None, cnn)
         for n, p in shipped.items():
             protections[n] = (_method(p), p.apply, p, list(p.card["surrogates"]))
+        protections[REFINED] = _refine_protection(steps)
     for n, p in ablations.items():
         protections[n] = (_method(p), p.apply, p, list(p.card["surrogates"]))
     posts = FAST_POSTS if fast else POSTS
+    journal = None if fast else OUTPUT_DIR / "results" / "grid-journal.jsonl"
+    baseline_id = f"eps {eps}, pgd {pgd_steps} steps, seed {seed}"
+    if journal is not None and reuse is not None and reuse.is_file():
+        previous = json.loads(reuse.read_text())
+        if previous.get("protocol") == proto.describe() and previous.get("eps") == eps:
+            n = reuse_rows(previous, {k: v for k, v in protections.items() if k != REFINED}, list(victims), sets,
+                           journal, baseline_id)
+            log.info("reused %d grid rows of %s whose inputs are unchanged", n, reuse)
     rows = _grid(protections, victims, sets, posts, DB_POSTS if not fast else ("none",),
-                 WHITEBOX_POSTS if not fast else ("none",), eps,
-                 journal=None if fast else OUTPUT_DIR / "results" / "grid-journal.jsonl",
-                 baseline_id=f"eps {eps}, pgd {pgd_steps} steps, seed {seed}")
-    headline = {n: shipped[n] for n in ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-mid") if n in shipped}
+                 WHITEBOX_POSTS if not fast else ("none",), eps, journal=journal, baseline_id=baseline_id,
+                 baseline_ids={REFINED: json.dumps(asdict(refine.strength_config("mid", steps)))
+                               + _ident("toap-mid", shipped.get("toap-mid"), "")})
+    headline = {n: shipped[n] for n in ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-mid-mixed", "toap-mid")
+                if n in shipped}
     engines = {n: m for n, m in victims.items() if isinstance(m, RecognizerHash)}
     victims_only = {n: m for n, m in victims.items() if zoo.card(n)["role"] == "victim"}
     if "photos" in parts:
         rows += photo_rows(headline, victims_only, sets, proto.eval_identities,
-                           ("facebook",) if fast else tuple(postprocess.profiles()), (250,) if fast else PHOTO_SIDES)
+                           ("facebook",) if fast else tuple(postprocess.profiles()), (250,) if fast else PHOTO_SIDES,
+                           refine_steps=steps or 0)
     trade = (tradeoff(victims_only, sets, data_, cache, (4, 8) if fast else TRADEOFF_EPS,
                       fast=fast) if "tradeoff" in parts else [])
     lim = (limits({n: headline[n] for n in ("uap-mid", "toap-mid") if n in headline}, engines, sets,
-                  data_[0][:64] if fast else data_[0], ("jpeg:50",) if fast else ("jpeg:50", "median:3", "resize:0.5"))
+                  data_[0][:64] if fast else data_[0], ("jpeg:50",) if fast else ("jpeg:50", "median:3", "resize:0.5"),
+                  refine_steps=steps or 0, refine_train=16 if fast else 256)
            if "limits" in parts else [])
+    table = (per_photo(engines, sets, proto.eval_identities, ("mid",) if fast else tuple(protect.STRENGTHS),
+                       refine_steps=steps or 0) if "per_photo" in parts and engines else [])
     return {"fast": fast, "parts": list(parts), "protocol": proto.describe(), "eps": eps, "pgd_steps": pgd_steps,
             "perturbations": {n: p.card for n, p in {**shipped, **ablations}.items()},
-            "rows": rows, "tradeoff": trade, "limits": lim, "seconds": round(time.perf_counter() - t0, 1)}
+            "rows": rows, "tradeoff": trade, "limits": lim, "per_photo": table,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def merge(parts: Sequence[dict]) -> dict:
@@ -421,11 +600,11 @@ def merge(parts: Sequence[dict]) -> dict:
     one run would give (``seconds``: the longest of them, as if run side by side)."""
     if len({p["fast"] for p in parts}) != 1:
         raise ValueError("cannot merge a fast run with a full one")
-    out = {**parts[0], "rows": [], "tradeoff": [], "limits": [], "seconds": max(p["seconds"] for p in parts),
-           "parts": [x for x in PARTS if any(x in p["parts"] for p in parts)]}
+    out = {**parts[0], "rows": [], "tradeoff": [], "limits": [], "per_photo": [],
+           "seconds": max(p["seconds"] for p in parts), "parts": [x for x in PARTS if any(x in p["parts"] for p in parts)]}
     for p in parts:
-        for key in ("rows", "tradeoff", "limits"):
-            out[key] += p[key]
+        for key in ("rows", "tradeoff", "limits", "per_photo"):
+            out[key] += p.get(key, [])
         out["perturbations"] = {**out["perturbations"], **p["perturbations"]}
     return out
 
@@ -477,6 +656,35 @@ def targets(result: dict) -> list[dict]:
         if ps:
             add(f"quality: PSNR of {name} (dB)", min(ps), ">= 32", min(ps) >= 32)
             add(f"quality: SSIM of {name}", min(ss), ">= 0.90", min(ss) >= 0.90)
+    return out + targets_known(result)
+
+
+def targets_known(result: dict) -> list[dict]:
+    """Issue 18's targets (engine-known-backbone, query setting, eps 8/255): the refinement
+    (``REFINED``) and the dlib-first universal ``toap-mid``, worst dlib engine each."""
+    rows, out = result["rows"], []
+    kb = {"setting": "query", "tier": "engine-known-backbone"}
+
+    def worst(pname: str, post: str, key: str = "rel_drop") -> float:
+        vals = [r[key] for r in rows if r["perturbation"] == pname and r["post"] == post
+                and all(r.get(k) == v for k, v in kb.items())]
+        return min(vals) if vals else float("nan")
+
+    def add(name: str, value: float, goal: float) -> None:
+        if np.isfinite(value):
+            out.append({"target": name, "measured": value, "goal": f">= {goal}", "met": bool(value >= goal)})
+
+    for post, goal in (("jpeg:75", 0.95), ("facebook", 0.95), ("resize:0.5", 0.85), ("photo:facebook", 0.90)):
+        add(f"engine-known-backbone: worst dlib engine, {post} ({REFINED}, issue 18)", worst(REFINED, post), goal)
+    add(f"quality: PSNR of {REFINED} (dB, issue 18)", worst(REFINED, "none", "psnr"), 35)
+    add(f"quality: SSIM of {REFINED} (issue 18)", worst(REFINED, "none", "ssim"), 0.93)
+    for post, goal in (("jpeg:75", 0.80), ("facebook", 0.80), ("resize:0.5", 0.65)):
+        add(f"engine-known-backbone: worst dlib engine, {post} (dlib-first toap-mid, issue 18)", worst("toap-mid", post), goal)
+    refined_photos = [r for r in result.get("per_photo", []) if r["way"] == "refined" and r["strength"] == "mid"]
+    if refined_photos:
+        left = sum(r["hits_after"] < 0.5 for r in refined_photos)
+        add(f"every shipped example photo leaves both dlib engines' top 10 after {refined_photos[0]['profile']} "
+            f"(refined mid; share of photo x engine)", left / len(refined_photos), 1.0)
     return out
 
 
@@ -504,9 +712,21 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {t} | {pname} | " + " | ".join("-" if np.isnan(c) else f"{c:.1%}" for c in cells)
                              + f" | {np.mean([r['psnr'] for r in ps]):.1f} | {np.mean([r['ssim'] for r in ps]):.3f} |")
         lines.append("")
-    lines += ["**targets (issue 11)**", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += ["**targets (issues 11 and 18)**", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']:.3f} | {t['goal']} | {'yes' if t['met'] else '**no**'} |"
               for t in targets(result)]
+    table = result.get("per_photo", [])
+    if table:
+        lines += ["", f"**per photo (the demo's example photos, after the {table[0]['profile']} profile): the person's "
+                  "photos in the engine's top 10, original -> protected**", "",
+                  "| photo | strength | " + " | ".join(f"{w} {e}" for w in ("universal", "refined")
+                                                        for e in sorted({r['engine'] for r in table})) + " |",
+                  "|---|---|" + "---|" * (2 * len({r['engine'] for r in table}))]
+        for photo, strength in dict.fromkeys((r["photo"], r["strength"]) for r in table):
+            cells = [next((f"{r['hits_before']:.1f} -> {r['hits_after']:.1f}" for r in table if r["photo"] == photo
+                           and r["strength"] == strength and r["way"] == w and r["engine"] == e), "-")
+                     for w in ("universal", "refined") for e in sorted({r['engine'] for r in table})]
+            lines.append(f"| {photo} | {strength} | " + " | ".join(cells) + " |")
     lines += ["", "**limits (real-recognizer engines, query setting)**", "", "| engine | perturbation | victim | post | rel. drop |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['engine']} | {r['perturbation']} | {r['victim']} | {r['post']} | {r['rel_drop']:.1%} |"
@@ -546,7 +766,7 @@ def figures(result: dict, folder: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), sharey=True)
     for ax, (tier, pairs) in zip(axes, (("cnn-blackbox", ("uap-mid-cnn", "toap-mid-cnn")),
                                          ("engine-blackbox", ("uap-mid-cnn", "toap-mid-cnn")),
-                                         ("engine-known-backbone", ("uap-mid", "toap-mid")))):
+                                         ("engine-known-backbone", ("uap-mid", "toap-mid-mixed", "toap-mid", REFINED)))):
         for pname in pairs:
             ax.plot(range(len(posts)), [_mean(rows, tier=tier, perturbation=pname, post=p) for p in posts], "o-", label=pname)
         ax.set_xticks(range(len(posts)))

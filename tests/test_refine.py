@@ -1,0 +1,172 @@
+"""Per-photo refinement and the dlib-first universal delta (toap_kit.refine), the device switch,
+and the refinement through ``toap protect --refine``."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toap_kit import cli, config, postprocess, protect, refine, toap, zoo
+from toap_kit.data import DATA_DIR, load_faceset, make_protocol
+from toap_kit.perturbation import feather_mask
+from toap_kit.recognizer import RecognizerHash
+
+PHOTO = DATA_DIR / "photos250" / "George_W_Bush" / "01.jpg"
+
+
+@pytest.fixture(scope="module")
+def faces():
+    f = load_faceset("lfw158", 112)
+    ev = make_protocol(f).queries[:4]  # evaluation identities: no model or perturbation saw them
+    return f.images[ev]
+
+
+@pytest.fixture(scope="module")
+def rec():
+    return refine.KnownRecognizer("cpu")
+
+
+def test_landmark_chip_reproduces_dlibs_own_chip(faces):
+    import dlib
+
+    from toap_kit import teacher
+
+    thetas = refine.landmark_thetas(faces)
+    grid = torch.nn.functional.affine_grid(thetas, [len(faces), 3, 150, 150], align_corners=False)
+    ours = torch.nn.functional.grid_sample(faces * 255, grid, align_corners=False, padding_mode="zeros")
+    r = teacher.Recognizer()
+    for i, x in enumerate(faces):
+        img = np.ascontiguousarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        chip = dlib.get_face_chip(img, r._landmarks(img), size=150, padding=0.25).astype(np.float32)
+        diff = np.abs(ours[i].permute(1, 2, 0).numpy() - chip)
+        assert np.median(diff) < 1.0 and diff.mean() < 2.0, (i, diff.mean())  # dlib truncates, we interpolate
+
+
+def test_refined_deltas_keep_the_budget_the_floor_and_the_feather(faces, rec):
+    d = refine.refine_deltas(faces, "mid", steps=3, recognizer=rec)
+    cfg = refine.strength_config("mid")
+    assert d.shape == faces.shape and float(d.abs().max()) <= cfg.eps + 1e-6
+    rms = d.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    assert bool((rms <= 10 ** (-cfg.psnr_floor / 20) + 1e-6).all()) and float(rms.min()) > 0
+    assert float(d[..., 0, :].abs().max()) < 0.1 * cfg.eps, "the feathered edge adds almost nothing"
+    out = refine.refine_faces(faces, "mid", steps=3, recognizer=rec)
+    assert torch.equal(out, ((faces + d).clamp(0, 1) * 255).round() / 255)
+    assert float(postprocess.psnr(out, faces).min()) > cfg.psnr_floor - 0.5  # 8-bit rounding costs a little
+
+
+def test_refinement_is_deterministic_per_seed(faces, rec):
+    a = refine.refine_deltas(faces[:2], "low", steps=2, seed=3, recognizer=rec)
+    b = refine.refine_deltas(faces[:2], "low", steps=2, seed=3, recognizer=rec)
+    c = refine.refine_deltas(faces[:2], "low", steps=2, seed=4, recognizer=rec)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_refinement_moves_dlibs_descriptor_and_the_engines_codes(faces, rec):
+    """A guard, not a benchmark: 40 steps move each descriptor far more than random noise of
+    the same budget does (toward dlib's same-person distance, 0.6), and flip far more of
+    dlib_itq_64's bits (a victim the refinement never used) than that noise."""
+    x = faces[:2]
+    prot = refine.refine_faces(x, "mid", steps=40, recognizer=rec)
+    gen = torch.Generator().manual_seed(0)
+    noise = (x + 8 / 255 * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)).clamp(0, 1)
+    with torch.no_grad():
+        th = refine.landmark_thetas(x)
+        e0 = rec.embed(x, th, True)
+        dist, noise_dist = ((rec.embed(y, th, True) - e0).norm(dim=1) for y in (prot, noise))
+    assert bool((dist > 0.45).all() and (dist > 3 * noise_dist).all()), (dist, noise_dist)
+    engine = zoo.load("dlib_itq_64")
+    assert isinstance(engine, RecognizerHash)
+    flips = float((engine.encode(prot) != engine.encode(x)).float().mean())
+    noise_flips = float((engine.encode(noise) != engine.encode(x)).float().mean())
+    assert flips > 0.2 and flips > 3 * noise_flips, (flips, noise_flips)
+
+
+def test_bad_inputs_get_clear_errors(faces, rec):
+    with pytest.raises(ValueError, match="unknown strength"):
+        refine.strength_config("max")
+    with pytest.raises(ValueError, match="steps must be"):
+        refine.refine_deltas(faces, steps=-1, recognizer=rec)
+    with pytest.raises(ValueError, match="square"):
+        refine.refine_deltas(faces[:, :, :100], recognizer=rec)
+    with pytest.raises(TypeError, match="uint8"):
+        refine.refine_deltas((faces * 255).to(torch.uint8), recognizer=rec)
+    with pytest.raises(ValueError, match="p_none"):
+        refine.RefineConfig(p_none=0.9, p_jpeg=0.5)
+    with pytest.raises(ValueError, match="init must have"):
+        refine.refine_deltas(faces, steps=1, recognizer=rec, init=torch.zeros(1, 3, 112, 112))
+    assert refine.refine_deltas(faces[:0], steps=1, recognizer=rec).shape == (0, 3, 112, 112)
+
+
+def test_config_for_an_eps_between_the_strengths():
+    assert refine.config_for(8 / 255).psnr_floor == refine.STRENGTHS["mid"][1]
+    assert refine.config_for(16 / 255).psnr_floor == pytest.approx(refine.STRENGTHS["mid"][1] - 20 * np.log10(2))
+
+
+def test_the_refinement_and_the_dlib_first_ladder_are_known_backbone():
+    assert toap.threat_tier([toap.DLIB_DESCRIPTOR], "dlib_itq_32") == "engine-known-backbone"
+    assert toap.threat_tier([toap.DLIB_DESCRIPTOR], "vgg_csq_64") == "cnn-teacher-known"
+    for name in protect.STRENGTHS.values():
+        card = protect.load_perturbation(name).card
+        assert card["method"] == "dlib-first" and card["surrogates"] == [toap.DLIB_DESCRIPTOR]
+
+
+def test_fit_universal_makes_one_delta_for_everybody(faces, rec):
+    cfg = refine.RefineConfig(eps=4 / 255, psnr_floor=38.0, steps=3, batch_size=2)
+    p = refine.fit_universal(faces, torch.tensor([0, 0, 1, 1]), cfg, progress=False, recognizer=rec)
+    assert p.delta.shape == (3, 112, 112) and p.eps == cfg.eps and float(p.delta.abs().max()) <= cfg.eps + 1e-6
+    assert float(p.delta.pow(2).mean().sqrt()) <= 10 ** (-38 / 20) + 1e-6
+    assert p.card["method"] == "dlib-first" and p.card["config"]["steps"] == 3
+    with pytest.raises(ValueError, match="one label per face"):
+        refine.fit_universal(faces, torch.tensor([0]), cfg, recognizer=rec)
+
+
+def test_device_switch(monkeypatch):
+    monkeypatch.setenv("TOAP_DEVICE", "cpu")
+    assert config.device() == torch.device("cpu")
+    monkeypatch.setenv("TOAP_DEVICE", "warp-drive")
+    with pytest.raises(ValueError, match="not a torch device"):
+        config.device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TOAP_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="no CUDA"):
+            config.device()
+        monkeypatch.delenv("TOAP_DEVICE")
+        assert config.device() == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (the CPU path is tested above)")
+def test_refinement_on_cuda_matches_the_cpu_budget(faces):
+    d = refine.refine_deltas(faces[:2], "mid", steps=2, recognizer=refine.KnownRecognizer("cuda"))
+    assert d.device.type == "cpu" and float(d.abs().max()) <= 8 / 255 + 1e-6
+
+
+# ------------------------------------------------------------------ through toap protect
+def test_protect_image_refines_every_face_within_eps(rec):
+    photo = Image.open(PHOTO).convert("RGB")
+    p = protect.load_perturbation("toap-mid")
+    universal = protect.protect_image(photo, p)
+    refined = protect.protect_image(photo, p, refine_steps=3, recognizer=rec)
+    assert refined.boxes == universal.boxes and refined.faces_found
+    a, u, r = (np.asarray(im, np.int16) for im in (photo, universal.image, refined.image))
+    assert np.abs(r - a).max() <= 8 and (r != u).any()
+    x0, y0, s = refined.boxes[0]
+    outside = np.ones(a.shape[:2], bool)
+    outside[max(0, y0):y0 + s, max(0, x0):x0 + s] = False
+    assert (r[outside] == a[outside]).all(), "pixels outside the face squares are untouched"
+    assert feather_mask(s)[0, 0] < 0.05
+
+
+def test_cli_refine_writes_resumes_and_records_its_steps(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(PHOTO).save(src / "me.jpg")
+    out = tmp_path / "out"
+    assert cli.main(["protect", str(src), "-o", str(out), "--refine", "2", "--no-progress"]) == 0
+    assert "refined for 2 steps" in capsys.readouterr().out
+    row = json.loads((out / protect.MANIFEST).read_text().splitlines()[-1])
+    assert row["status"] == "protected" and row["settings"]["refine_steps"] == 2
+    assert cli.main(["protect", str(src), "-o", str(out), "--refine", "2", "--no-progress"]) == 0
+    assert "already done by an earlier run" in capsys.readouterr().out
+    assert cli.main(["protect", str(src), "-o", str(out), "--refine", "-3"]) == 1
+    assert "--refine takes" in capsys.readouterr().err

@@ -1,0 +1,405 @@
+"""Protection against a known recognizer: per-photo refinement, and the dlib-first universal delta.
+
+The universal perturbations of ``toap`` are made once for everybody (milliseconds a photo).
+When the protector knows the recognizer a crawler runs (here: dlib's face network, the
+backbone of the kit's two real engines; threat tier ``engine-known-backbone``), it can do far
+better by optimising against it directly, the idea of LowKey (Cherepanova et al., ICLR 2021)
+and Fawkes (Shan et al., USENIX Security 2020) [kit: their idea, this objective]:
+
+- ``refine_faces``: one delta *per face*, a few seconds a face on a laptop;
+- ``fit_universal``: one delta for everybody with the same objective (the shipped ``toap-low/
+  mid/high``: "dlib-first" universal deltas).
+
+The objective [kit], for each face ``x`` with its own delta ``d`` (``|d| <= eps``, feathered at
+the square's edge as ``toap protect`` writes it, PSNR >= the strength's floor):
+
+1. the protected face goes through one random draw of what a platform and a crawler do: 8-bit
+   quantisation, then nothing, a real JPEG (quality 50-95, straight-through gradient), a
+   down-sizing (scale 0.4-1.0, antialiased), or down-sizing then JPEG;
+2. dlib's network sees it the way a crawler would: through the face's own chip, either the
+   landmark-aligned chip of dlib's pipeline (5-point landmarks, ``get_face_chip``'s geometry)
+   or the kit's engines' fixed chip, with a small random rotation, scale and shift (the crawler
+   cuts the face again);
+3. the loss pushes the 128-D descriptor ``e`` away from the clean face's ``e0`` (and, when
+   identities are known, from the identity's mean), each distance capped at ``cap``, and flips
+   the bits of the protector's *own* 48-bit hash layer on dlib's descriptor (an ITQ layer fitted
+   on the shipped teacher descriptors of the training identities, ``toap.DLIB_DESCRIPTOR``;
+   never a victim's):
+   ``loss = -mean(min(|e - e0|, cap)) / cap + w_hash * mean(relu(margin + b0 * u / s))``.
+
+    >>> from toap_kit import refine
+    >>> protected = refine.refine_faces(faces, "mid")          # N x 3 x H x W in [0, 1]
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import postprocess, teacher, zoo
+from .config import device as default_device
+from .data import check_pixels, load_faceset, make_protocol
+from .hashing import ITQ
+from .perturbation import Perturbation, feather_mask
+from .recognizer import CHIP_SIZE, load_dlib_resnet
+from .toap import DLIB_DESCRIPTOR
+
+__all__ = ["DEFAULT_STEPS", "STRENGTHS", "WORK_SIDE", "KnownRecognizer", "RefineConfig", "fit_universal",
+           "box_theta", "config_for", "landmark_thetas", "refine_deltas", "refine_faces", "strength_config"]
+
+log = logging.getLogger(__name__)
+
+STRENGTHS = {"low": (4, 39.0), "mid": (8, 35.5), "high": (12, 32.0)}
+"""Per-photo refinement: ``strength -> (eps in 8-bit levels, PSNR floor in dB)``."""
+DEFAULT_STEPS = 100
+WORK_SIDE = 160
+"""``toap protect --refine`` refines each face square at this side (larger squares are resized;
+the delta is scaled back up to the square, as a universal one is)."""
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Every parameter of a refinement or a dlib-first universal run (recorded in a card).
+
+    ``eps``: pixel units of [0, 1]; ``psnr_floor``: dB (the delta is scaled so that every face
+    keeps at least this PSNR); ``lr``: Adam's step in pixel units; ``cap``: descriptor distance
+    past which a face is pushed no further (dlib's same-person threshold is 0.6); draws:
+    ``p_none``, ``p_jpeg``, ``p_resize`` (the rest: resize then JPEG); ``p_landmark``: share of
+    steps that see the landmark-aligned chip (the rest: the engines' fixed chip).
+    """
+
+    eps: float = 8 / 255
+    psnr_floor: float = 35.5
+    steps: int = DEFAULT_STEPS
+    lr: float = 1e-3
+    batch_size: int = 16
+    cap: float = 1.0
+    w_hash: float = 0.5
+    margin: float = 1.0
+    w_identity: float = 1.0
+    p_none: float = 0.2
+    p_jpeg: float = 0.3
+    p_resize: float = 0.25
+    jpeg_range: tuple[int, int] = (50, 95)
+    resize_range: tuple[float, float] = (0.4, 1.0)
+    p_landmark: float = 0.5
+    jitter_degrees: float = 3.0
+    jitter_scale: float = 0.05
+    jitter_shift: float = 0.03
+    feather: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 < self.eps <= 1, f"eps must be in (0, 1] (pixel units), got {self.eps}"),
+            (math.isfinite(self.psnr_floor) and self.psnr_floor > 0, f"psnr_floor must be > 0 dB, got {self.psnr_floor}"),
+            (self.steps >= 0 and self.batch_size >= 1, "steps must be >= 0 and batch_size >= 1"),
+            (self.lr > 0 and self.cap > 0, "lr and cap must be > 0"),
+            (min(self.w_hash, self.w_identity, self.margin) >= 0, "w_hash, w_identity and margin must be >= 0"),
+            (min(self.p_none, self.p_jpeg, self.p_resize) >= 0 and self.p_none + self.p_jpeg + self.p_resize <= 1,
+             "p_none, p_jpeg, p_resize must be >= 0 and sum to at most 1"),
+            (1 <= self.jpeg_range[0] <= self.jpeg_range[1] <= 100, f"jpeg_range must be in 1..100, got {self.jpeg_range}"),
+            (0 < self.resize_range[0] <= self.resize_range[1] <= 1, f"resize_range must be in (0, 1], got {self.resize_range}"),
+            (0 <= self.p_landmark <= 1, f"p_landmark must be in [0, 1], got {self.p_landmark}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def config_for(eps: float, steps: int | None = None, seed: int = 0) -> RefineConfig:
+    """``RefineConfig`` for a budget ``eps`` (pixel units): a ``STRENGTHS`` level gets its PSNR
+    floor; another eps the floor that keeps mid's ratio of RMS to eps."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"steps must be a whole number >= 0, got {steps!r}")
+    if not 0 < eps <= 1:
+        raise ValueError(f"eps must be in (0, 1] (pixel units), got {eps}")
+    floors = {levels: floor for levels, floor in STRENGTHS.values()}
+    levels = round(eps * 255, 3)
+    mid_levels, mid_floor = STRENGTHS["mid"]
+    floor = floors.get(levels, mid_floor + 20 * math.log10(mid_levels / (eps * 255)))
+    return RefineConfig(eps=eps, psnr_floor=floor, steps=DEFAULT_STEPS if steps is None else steps, seed=seed)
+
+
+def strength_config(strength: str = "mid", steps: int | None = None, seed: int = 0) -> RefineConfig:
+    """``RefineConfig`` of a per-photo strength (``STRENGTHS``)."""
+    if strength not in STRENGTHS:
+        raise ValueError(f"unknown strength {strength!r}: choose one of {', '.join(STRENGTHS)}")
+    return config_for(STRENGTHS[strength][0] / 255, steps, seed)
+
+
+# ------------------------------------------------------------------ chips
+def landmark_thetas(faces: torch.Tensor, size: int = CHIP_SIZE, padding: float = 0.25) -> torch.Tensor:
+    """Where dlib's pipeline cuts its face chip in each face crop, as ``N x 2 x 3`` affine
+    matrices for ``F.affine_grid(..., align_corners=False)``.
+
+    dlib finds 5 landmarks (inside the kit's face box ``teacher.FACE_BOX`` of the crop), then
+    ``get_face_chip_details`` gives a rectangle and an angle: the chip is that rectangle,
+    rotated about its centre, sampled at ``size x size``. Sampling the crop through these
+    matrices (zeros outside, as dlib) reproduces ``dlib.get_face_chip`` to about half a grey
+    level, and is differentiable. ``faces``: ``N x 3 x H x W`` in [0, 1].
+    """
+    import dlib
+
+    faces = check_pixels(faces, "faces", ndim=(4,))
+    predictor, (bx0, by0, bx1, by1) = teacher.shape_predictor(), teacher.FACE_BOX
+    arr = (faces.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for a in arr:
+        h, w = a.shape[:2]
+        shape = predictor(np.ascontiguousarray(a), dlib.rectangle(int(bx0 * w), int(by0 * h), int(bx1 * w) - 1, int(by1 * h) - 1))
+        d = dlib.get_face_chip_details(shape, size, padding)
+        r, cos, sin = d.rect, math.cos(d.angle), math.sin(d.angle)
+        rot = np.array([[cos, -sin], [sin, cos]])
+        c = np.array([(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2])
+        ex = rot @ np.array([r.right() - r.left(), 0.0]) / (size - 1)  # one chip column, in crop pixels
+        ey = rot @ np.array([0.0, r.bottom() - r.top()]) / (size - 1)
+        # chip pixel (u, v) in [-1, 1] (align_corners=False) -> crop pixel c + u*size/2*ex + v*size/2*ey
+        m = np.stack([ex * size / 2, ey * size / 2, c + 0.5], 1) * (2 / np.array([[w], [h]]))
+        m[:, 2] -= 1
+        out.append(m)
+    return torch.tensor(np.array(out), dtype=torch.float32).reshape(-1, 2, 3)
+
+
+def box_theta(box, n: int) -> torch.Tensor:
+    """``N x 2 x 3`` matrices of the fixed chip ``box = (x0, y0, x1, y1)`` (fractions of the
+    side), the geometry of ``recognizer.face_chip`` (the kit's engines)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return torch.tensor([[x1 - x0, 0.0, x0 + x1 - 1], [0.0, y1 - y0, y0 + y1 - 1]]).expand(n, 2, 3).clone()
+
+
+def _jitter(theta: torch.Tensor, cfg: RefineConfig, gen: torch.Generator) -> torch.Tensor:
+    """``theta`` after a random small similarity in chip coordinates (a crawler's re-crop)."""
+    n = len(theta)
+    u = (torch.rand(n, 4, generator=gen) * 2 - 1).to(theta.device)
+    a = u[:, 0] * math.radians(cfg.jitter_degrees)
+    s = 1 + u[:, 1] * cfg.jitter_scale
+    j = torch.stack([torch.stack([s * a.cos(), -s * a.sin(), u[:, 2] * cfg.jitter_shift * 2], 1),
+                     torch.stack([s * a.sin(), s * a.cos(), u[:, 3] * cfg.jitter_shift * 2], 1)], 1)
+    return torch.cat([theta[:, :, :2] @ j[:, :, :2], theta[:, :, :2] @ j[:, :, 2:] + theta[:, :, 2:]], 2)
+
+
+# ------------------------------------------------------------------ the known recognizer
+@lru_cache(maxsize=1)
+def _own_layer(bits: int = 48, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(center, projection)`` of the protector's own ITQ layer, fitted on the shipped teacher
+    descriptors of the open-set protocol's training identities (no evaluation person)."""
+    emb, paths = teacher.load_embeddings("lfw158")
+    faces = load_faceset("lfw158", 32)
+    if list(faces.paths) != list(paths):
+        raise ValueError("data/teacher/lfw158 does not list the faces of data/lfw158 in order; run `make artifacts`")
+    itq = ITQ(bits, seed=seed).fit(emb[make_protocol(faces).train])
+    return torch.from_numpy(itq.mean).float(), torch.from_numpy(itq.pca @ itq.rotation).float()
+
+
+class KnownRecognizer:
+    """dlib's network (the torch port, frozen) as a protector who knows it uses it: chips,
+    descriptors and the protector's own hash layer, on ``device`` (default ``config.device()``)."""
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device else default_device()
+        self.net = load_dlib_resnet().to(self.device)
+        center, projection = _own_layer()
+        self.center, self.projection = center.to(self.device), projection.to(self.device)
+        self.engine_box = tuple(zoo.card("dlib_itq_32")["chip_box"])  # the face geometry of the kit's crops
+
+    def embed(self, x: torch.Tensor, theta: torch.Tensor, landmark: bool) -> torch.Tensor:
+        """``N x 128`` descriptors of faces ``x`` (any side) cut through chips ``theta``."""
+        grid = F.affine_grid(theta.to(x), [len(x), 3, CHIP_SIZE, CHIP_SIZE], align_corners=False)
+        chips = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros" if landmark else "border",
+                              align_corners=False)
+        return self.net(chips)
+
+    def hash_outputs(self, e: torch.Tensor) -> torch.Tensor:
+        """Pre-sign outputs of the protector's own 48-bit layer for descriptors ``e``."""
+        return (e - self.center) @ self.projection
+
+
+@dataclass
+class _Refs:
+    """What the loss compares against, per face: chips and clean references for both geometries."""
+
+    thetas: dict[bool, torch.Tensor]       # landmark? -> N x 2 x 3
+    e0: dict[bool, torch.Tensor]           # landmark? -> N x 128 clean descriptors
+    b0: dict[bool, torch.Tensor]           # landmark? -> N x 48 clean own codes
+    scale: float                           # mean |u| of the own layer on clean faces
+    centres: torch.Tensor | None = None    # N x 128 identity means (landmark chips), if labels known
+
+
+@torch.no_grad()
+def _references(rec: KnownRecognizer, faces: torch.Tensor, labels: torch.Tensor | None, batch: int = 64) -> _Refs:
+    dev = rec.device
+    thetas = {True: landmark_thetas(faces).to(dev), False: box_theta(rec.engine_box, len(faces)).to(dev)}
+    e0 = {k: torch.cat([rec.embed(faces[i:i + batch].to(dev), t[i:i + batch], k) for i in range(0, len(faces), batch)])
+          for k, t in thetas.items()}
+    u = {k: rec.hash_outputs(e) for k, e in e0.items()}
+    refs = _Refs(thetas, e0, {k: torch.where(v >= 0, 1.0, -1.0) for k, v in u.items()},
+                 float(torch.cat(list(u.values())).abs().mean()))
+    if labels is not None:
+        ids, inv = labels.unique(return_inverse=True)
+        means = torch.zeros(len(ids), 128, device=dev).index_add_(0, inv.to(dev), e0[True])
+        refs.centres = (means / torch.bincount(inv, minlength=len(ids)).to(dev)[:, None])[inv.to(dev)]
+    return refs
+
+
+def _draw(cfg: RefineConfig, rng: np.random.Generator) -> dict:
+    """One random post-processing draw (the same for every face of a step)."""
+    r = rng.random()
+    kind = ("none" if r < cfg.p_none else "jpeg" if r < cfg.p_none + cfg.p_jpeg
+            else "resize" if r < cfg.p_none + cfg.p_jpeg + cfg.p_resize else "resize+jpeg")
+    return {"kind": kind, "quality": int(rng.integers(cfg.jpeg_range[0], cfg.jpeg_range[1] + 1)),
+            "scale": float(rng.uniform(*cfg.resize_range)), "landmark": bool(rng.random() < cfg.p_landmark)}
+
+
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    """8-bit rounding forward, identity gradient backward."""
+    return x + ((x * 255).round() / 255 - x).detach()
+
+
+def _process(x: torch.Tensor, draw: dict) -> torch.Tensor:
+    """Protected faces through ``draw``: 8 bits, then the draw (the chip is cut from the result,
+    whatever its size, so a down-sized face is never scaled back up)."""
+    x = _quantize(x)
+    if "resize" in draw["kind"] and draw["scale"] < 1:
+        side = max(postprocess.MIN_SIDE, round(x.shape[-1] * draw["scale"]))
+        x = _quantize(F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True))
+    if "jpeg" in draw["kind"]:
+        x = postprocess.straight_through(x, f"jpeg:{draw['quality']}")
+    return x
+
+
+def _loss(rec: KnownRecognizer, cfg: RefineConfig, refs: _Refs, idx: torch.Tensor, xa: torch.Tensor, draw: dict,
+          gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Summed loss of the faces ``idx`` (protected ``xa``) under ``draw`` (summed, so each face's
+    gradient does not depend on the batch it is in), and its parts (means)."""
+    k = draw["landmark"]
+    e = rec.embed(_process(xa, draw), _jitter(refs.thetas[k][idx], cfg, gen), k)
+    dist = (e - refs.e0[k][idx]).norm(dim=1).clamp(max=cfg.cap)
+    away = -dist / cfg.cap
+    if refs.centres is not None and cfg.w_identity and k:
+        away = away - cfg.w_identity * (e - refs.centres[idx]).norm(dim=1).clamp(max=cfg.cap) / cfg.cap
+    flips = torch.relu(cfg.margin + refs.b0[k][idx] * rec.hash_outputs(e) / refs.scale).mean(1)
+    per_face = away + cfg.w_hash * flips
+    return per_face.sum(), {"distance": float(dist.detach().mean()), "hash": float(flips.detach().mean())}
+
+
+def _project(delta: torch.Tensor, mask: torch.Tensor, cfg: RefineConfig) -> None:
+    """In place: ``|delta| <= eps``, then each face's written pattern ``mask * delta`` scaled
+    down to RMS ``10^(-psnr_floor/20)`` where it is above it (so PSNR >= the floor)."""
+    with torch.no_grad():
+        delta.clamp_(-cfg.eps, cfg.eps)
+        rms = (delta * mask).pow(2).mean(dim=(1, 2, 3)).sqrt()
+        rms_max = 10 ** (-cfg.psnr_floor / 20)
+        delta.mul_(torch.where(rms > rms_max, rms_max / rms.clamp_min(1e-12), torch.ones_like(rms))[:, None, None, None])
+
+
+# ------------------------------------------------------------------ per photo
+def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None = None, seed: int = 0,
+                  progress: bool = False, config: RefineConfig | None = None,
+                  recognizer: KnownRecognizer | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Each face's own delta against dlib's network (see the module docstring).
+
+    Args:
+        faces: ``N x 3 x H x W`` face crops in [0, 1] (the kit's crops, or the squares ``toap
+            protect`` cuts: the face fills the middle as in ``data.crop_face``); square.
+        strength: ``low``/``mid``/``high`` (``STRENGTHS``: eps 4/8/12 of 255, PSNR floors).
+        steps: optimisation steps (default ``DEFAULT_STEPS``); 0 returns ``init`` (projected).
+        seed: the run's seed (draws, jitter): the same inputs and seed give the same deltas.
+        config: a full ``RefineConfig`` instead of ``strength``/``steps``/``seed``.
+        recognizer: a loaded ``KnownRecognizer`` to reuse (its device is used).
+        init: ``N x 3 x H x W`` starting deltas (e.g. a universal one); default zeros.
+
+    Returns:
+        ``N x 3 x H x W`` float32 deltas on the CPU, already feathered (what is added):
+        ``|delta| <= eps`` and ``PSNR(faces + delta, faces) >= psnr_floor`` before clipping.
+    """
+    faces = check_pixels(faces, "faces", ndim=(4,))
+    if faces.shape[-1] != faces.shape[-2] or faces.shape[-1] < 32:
+        raise ValueError(f"faces must be square crops of at least 32 px, got {tuple(faces.shape[-2:])}")
+    cfg = config or strength_config(strength, steps, seed)
+    rec = recognizer or KnownRecognizer()
+    dev, n, side = rec.device, len(faces), faces.shape[-1]
+    mask = torch.from_numpy(feather_mask(side)).to(dev) if cfg.feather else torch.ones(side, side, device=dev)
+    delta = (torch.zeros(n, 3, side, side) if init is None else init.detach().float().clone()).to(dev)
+    if delta.shape != faces.shape:
+        raise ValueError(f"init must have the faces' shape {tuple(faces.shape)}, got {tuple(delta.shape)}")
+    _project(delta, mask, cfg)
+    if n == 0 or cfg.steps == 0:
+        return (delta * mask).cpu()
+    gen, rng = torch.Generator().manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
+    x = faces.to(dev)
+    refs = _references(rec, x, None)
+    delta.requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    t0 = time.perf_counter()
+    with tqdm(total=cfg.steps * math.ceil(n / cfg.batch_size), desc="refine", unit="step", disable=not progress) as bar:
+        for _ in range(cfg.steps):
+            draw = _draw(cfg, rng)
+            opt.zero_grad(set_to_none=True)
+            for i in range(0, n, cfg.batch_size):
+                idx = torch.arange(i, min(n, i + cfg.batch_size))
+                loss, _ = _loss(rec, cfg, refs, idx, (x[idx] + mask * delta[idx]).clamp(0, 1), draw, gen)
+                loss.backward()
+                bar.update(1)
+            opt.step()
+            _project(delta.data, mask, cfg)
+    log.info("refined %d faces (%d steps) in %.1f s", n, cfg.steps, time.perf_counter() - t0)
+    return (delta.detach() * mask).cpu()
+
+
+def refine_faces(faces: torch.Tensor, strength: str = "mid", steps: int | None = None, seed: int = 0,
+                 progress: bool = False, **kwargs) -> torch.Tensor:
+    """``faces`` (``N x 3 x H x W`` in [0, 1]) protected each by its own refined delta
+    (``refine_deltas``, same arguments), clipped to [0, 1] and rounded to 8 bits (what a saved
+    file holds), on the CPU."""
+    d = refine_deltas(faces, strength, steps, seed, progress, **kwargs)
+    return ((check_pixels(faces, "faces", ndim=(4,)) + d).clamp(0, 1) * 255).round() / 255
+
+
+# ------------------------------------------------------------------ universal, dlib-first
+def fit_universal(faces: torch.Tensor, labels: torch.Tensor, config: RefineConfig, data: str = "",
+                  progress: bool = True, recognizer: KnownRecognizer | None = None) -> Perturbation:
+    """One universal delta (``3 x S x S`` for ``N x 3 x S x S`` training faces with identity
+    ``labels``) with the same objective as ``refine_deltas``, each step on ``batch_size``
+    random faces; no feather (``Perturbation.apply`` adds it to the whole crop, ``toap protect``
+    feathers it). The PSNR floor holds for every face. Returns the ``Perturbation`` (method
+    ``dlib-first``, surrogate ``toap.DLIB_DESCRIPTOR``)."""
+    faces = check_pixels(faces, "faces", ndim=(4,))
+    if labels.ndim != 1 or len(labels) != len(faces):
+        raise ValueError(f"need one label per face, got {tuple(labels.shape)} for {len(faces)} faces")
+    cfg = config
+    rec = recognizer or KnownRecognizer()
+    dev, side = rec.device, faces.shape[-1]
+    t0 = time.perf_counter()
+    refs = _references(rec, faces, labels)
+    x = faces.to(dev)
+    gen, rng = torch.Generator().manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
+    ones = torch.ones(side, side, device=dev)
+    delta = torch.zeros(1, 3, side, side, device=dev, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))  # big steps first, fine ones last
+    history = []
+    for step in tqdm(range(cfg.steps), desc="dlib-first universal", disable=not progress):
+        idx = torch.randint(0, len(faces), (min(cfg.batch_size, len(faces)),), generator=gen)
+        draw = _draw(cfg, rng)
+        loss, parts = _loss(rec, cfg, refs, idx, (x[idx] + delta).clamp(0, 1), draw, gen)
+        opt.zero_grad(set_to_none=True)
+        (loss / len(idx)).backward()
+        opt.step()
+        sched.step()
+        _project(delta.data, ones, cfg)
+        if step % 50 == 0 or step == cfg.steps - 1:
+            history.append({"step": step, **parts, "draw": draw["kind"]})
+    seconds = round(time.perf_counter() - t0, 1)
+    card = {"method": "dlib-first", "surrogates": [DLIB_DESCRIPTOR], "config": asdict(cfg),
+            "objective": "descriptor distance from the clean face and its identity mean (capped) + own 48-bit layer flips",
+            "data": data or f"{len(faces)} faces of {len(labels.unique())} identities", "n_faces": len(faces),
+            "seed": cfg.seed, "seconds": {"delta": seconds}, "history": history, "device": str(dev)}
+    return Perturbation(delta.detach()[0].cpu(), cfg.eps, card)
