@@ -78,10 +78,16 @@ def test_examples_are_evaluation_people_with_other_photos_in_the_database(engine
     assert demo.example_photo(engine, face).size == (demo.DISPLAY, demo.DISPLAY)
 
 
+def test_the_intro_states_the_measured_per_photo_result():
+    s = demo.measured_sentence()  # from results/toap.json's per-photo table (make results)
+    assert s.startswith("Measured on the") and demo.DEFAULT_ENGINE in s and "per-photo refinement" in s
+
+
 def test_engine_labels_name_the_threat_tier():
     assert demo.engine_label("dlib_itq_32") == (
         "dlib_itq_32 — engine-known-backbone (protector used dlib's network, not this engine's hash layer)")
-    assert demo.engine_label("vgg_dpsh_32").startswith("vgg_dpsh_32 — whitebox")  # a surrogate of toap-mid
+    assert demo.engine_label("vgg_dpsh_32").startswith("vgg_dpsh_32 — cnn-teacher-known")  # toap-mid is dlib-first
+    assert demo.engine_label("dlib_itq_64", "mid", refine=True).startswith("dlib_itq_64 — engine-known-backbone")
     assert demo.upload_spec("JPEG", 62.4) == "jpeg:62" and demo.upload_spec("none") == "none"
     assert demo.upload_spec("facebook") == "facebook"
     with pytest.raises(ValueError, match="unknown upload"):

@@ -170,3 +170,11 @@ def test_cli_refine_writes_resumes_and_records_its_steps(tmp_path, capsys):
     assert "already done by an earlier run" in capsys.readouterr().out
     assert cli.main(["protect", str(src), "-o", str(out), "--refine", "-3"]) == 1
     assert "--refine takes" in capsys.readouterr().err
+
+
+def test_refinement_works_under_a_callers_no_grad(faces, rec):
+    with torch.no_grad():
+        d = refine.refine_deltas(faces[:1], "mid", steps=2, recognizer=rec)
+        p = refine.fit_universal(faces[:2], torch.tensor([0, 1]), refine.RefineConfig(steps=2, batch_size=2),
+                                 progress=False, recognizer=rec)
+    assert float(d.abs().max()) > 0 and float(p.delta.abs().max()) > 0

@@ -215,12 +215,14 @@ def _print_cg(r: dict) -> None:
 def bench_toap(parts: list[str] | None = None) -> dict:
     """TOAP's results (``toap_kit.results.run``, all ``results.PARTS`` or ``parts``), written to
     ``results/`` (or, in fast mode, ``TOAP_FAST=1``, to ``outputs/results-fast/`` so a smoke run
-    never replaces them)."""
+    never replaces them); a full run also writes the cards' headline numbers and the README's
+    generated block (``results.update_readme``)."""
     torch.set_grad_enabled(True)
     r = results.run(parts=parts or results.PARTS)
     results.write(r, OUTPUT_DIR / "results-fast" if r["fast"] else results.RESULTS_DIR)
     if not r["fast"] and "grid" in r["parts"]:
         results.annotate_cards(r)
+        results.update_readme(r)
     return r
 
 
@@ -283,9 +285,8 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
 
     rec = KnownRecognizer()
     protect.protect_image(face, p, refine_steps=1, recognizer=rec)  # warm-up
-    with torch.enable_grad():
-        out["refine_face_s"] = _median_ms(lambda: protect.protect_image(face, p, detect=False,
-                                                                         refine_steps=DEFAULT_STEPS, recognizer=rec), 3) / 1000
+    out["refine_face_s"] = _median_ms(lambda: protect.protect_image(face, p, detect=False, refine_steps=DEFAULT_STEPS,
+                                                                     recognizer=rec), 3) / 1000
     out["refine_steps"] = DEFAULT_STEPS
     big = _photo(2, 4000, 3000)
     out["photo_12mp_faces"] = len(protect.protect_image(big, p).boxes)

@@ -12,9 +12,10 @@ Plain functions, tested without a browser:
 - ``Engine``: the database and the zoo models; ``Engine.search(face, model)`` gives the top 10.
   Each model's database codes come from ``verify``'s on-disk cache (``outputs/verify-cache``),
   so only the very first launch encodes them (about a minute for a dlib engine on 2 cores).
-- ``protect_and_search(engine, photo, strength, engine_name, upload, refine=True)``: search with
-  the original's largest face; protect every face (``protect.protect_image``; ``refine``: each
-  face refined against dlib's network, ``refine.DEFAULT_STEPS`` steps); pass the protected
+- ``protect_and_search(engine, photo, strength, engine_name, upload, refine=False)``: search
+  with the original's largest face; protect every face (``protect.protect_image``; ``refine``:
+  each face refined against dlib's network, ``refine.DEFAULT_STEPS`` steps, the page's
+  default); pass the protected
   photo through a simulated upload (``postprocess.apply``: ``"none"``, ``"jpeg:75"`` or a
   platform profile); crop its face again and search. Returns a ``DemoResult``.
 - ``search_shipped`` / ``search_upload``: the plain search of the "Search only" tab.
@@ -584,6 +585,7 @@ def build_demo(engine: Engine | None = None):
         return out
 
     n_people = len(set(engine.query_names))
+    measured = measured_sentence()
     with gr.Blocks(title="toap-kit: protect your photos from face search") as demo:
         gr.Markdown(
             "# Protect your photos from face search engines\n"
@@ -594,7 +596,7 @@ def build_demo(engine: Engine | None = None):
             "one universal pattern (TOAP's idea, Lv et al., arXiv 2412.09692; milliseconds a photo), or, "
             "with *refine for this photo*, each face's own pattern optimised against dlib's face network, "
             "the backbone of the two real engines here (a few seconds a face). "
-            + (measured_sentence() + " " if measured_sentence() else "")
+            + (measured + " " if measured else "")
             + "The protection weakens a search; it guarantees nothing, least of all against an engine "
             "built on another network.")
         with gr.Tab("Protect"):

@@ -41,7 +41,7 @@ platform's copy, ``toap_kit.odd_inputs`` holds the bad-input corpus.
 Measured for this module (issue 12; ``docs/experiments/protect_jpeg_quality.py`` prints these
 numbers), with ``evaluate.Evaluator`` on the open-set protocol's
 first 60 queries (``sets.subset(60)``: their 20 people's photos + 2,000 distractors), query
-setting, ``toap-mid``, relative drop of tie-aware mAP@all, e.g.
+setting, ``toap-mid-mixed`` (the ladder's ``toap-mid`` then), relative drop of tie-aware mAP@all, e.g.
 ``Evaluator(zoo.load("dlib_itq_32"), sets)(protect, "query", "jpeg:95")``: the 10% feather
 costs no protection on ``dlib_itq_32`` (0.357 without feather, 0.340 with; 0.360 / 0.373 after
 JPEG q95; 5% feather: 0.357 / 0.365: all within the noise of 60 queries).
@@ -57,7 +57,7 @@ refused with a clear message.
 **Files** (``protect_files``): outputs keep the input's name (and, for a folder, its
 sub-folders) and its format, read from the content (a PNG named ``.jpg`` stays a PNG):
 
-- JPEG at ``DEFAULT_JPEG_QUALITY`` = 95, chroma 4:4:4. Measured (toap-mid, 60 open-set queries,
+- JPEG at ``DEFAULT_JPEG_QUALITY`` = 95, chroma 4:4:4. Measured (``toap-mid-mixed``, 60 open-set queries,
   query setting, relative mAP drop, JPEG applied to clean and protected alike):
   ``dlib_itq_32`` none 0.357, q95 0.360, q90 0.380, q85 0.416, q80 0.410, q75 0.402;
   ``dlib_itq_64`` none 0.313, q95 0.307, q90 0.327, q85 0.359, q80 0.332, q75 0.312; our q95

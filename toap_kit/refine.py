@@ -339,7 +339,8 @@ def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None 
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     t0 = time.perf_counter()
-    with tqdm(total=cfg.steps * math.ceil(n / cfg.batch_size), desc="refine", unit="step", disable=not progress) as bar:
+    with torch.enable_grad(), tqdm(total=cfg.steps * math.ceil(n / cfg.batch_size), desc="refine", unit="step",
+                                   disable=not progress) as bar:  # also under a caller's no_grad
         for _ in range(cfg.steps):
             draw = _draw(cfg, rng)
             opt.zero_grad(set_to_none=True)
@@ -386,17 +387,18 @@ def fit_universal(faces: torch.Tensor, labels: torch.Tensor, config: RefineConfi
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))  # big steps first, fine ones last
     history = []
-    for step in tqdm(range(cfg.steps), desc="dlib-first universal", disable=not progress):
-        idx = torch.randint(0, len(faces), (min(cfg.batch_size, len(faces)),), generator=gen)
-        draw = _draw(cfg, rng)
-        loss, parts = _loss(rec, cfg, refs, idx, (x[idx] + delta).clamp(0, 1), draw, gen)
-        opt.zero_grad(set_to_none=True)
-        (loss / len(idx)).backward()
-        opt.step()
-        sched.step()
-        _project(delta.data, ones, cfg)
-        if step % 50 == 0 or step == cfg.steps - 1:
-            history.append({"step": step, **parts, "draw": draw["kind"]})
+    with torch.enable_grad():  # also under a caller's no_grad
+        for step in tqdm(range(cfg.steps), desc="dlib-first universal", disable=not progress):
+            idx = torch.randint(0, len(faces), (min(cfg.batch_size, len(faces)),), generator=gen)
+            draw = _draw(cfg, rng)
+            loss, parts = _loss(rec, cfg, refs, idx, (x[idx] + delta).clamp(0, 1), draw, gen)
+            opt.zero_grad(set_to_none=True)
+            (loss / len(idx)).backward()
+            opt.step()
+            sched.step()
+            _project(delta.data, ones, cfg)
+            if step % 50 == 0 or step == cfg.steps - 1:
+                history.append({"step": step, **parts, "draw": draw["kind"]})
     seconds = round(time.perf_counter() - t0, 1)
     card = {"method": "dlib-first", "surrogates": [DLIB_DESCRIPTOR], "config": asdict(cfg),
             "objective": "descriptor distance from the clean face and its identity mean (capped) + own 48-bit layer flips",

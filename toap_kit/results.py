@@ -49,7 +49,7 @@ from .recognizer import RecognizerHash
 __all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS",
            "Purified", "annotate_cards", "figures", "limits", "markdown", "merge", "per_photo", "per_photo_sentence",
            "targets_known",
-           "photo_rows", "protect_photo", "refined", "reuse_rows", "run", "targets", "tradeoff", "write"]
+           "photo_rows", "protect_photo", "readme_block", "refined", "reuse_rows", "run", "update_readme", "targets", "tradeoff", "write"]
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
@@ -266,6 +266,8 @@ def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identitie
         return k * retrieval.precision_at_k(dist, torch.tensor([label]), sets.db_labels, k)
 
     for ph, name in tqdm(list(zip(photos, names)), desc="per-photo table"):
+        if not bool((sets.db_labels == label_of[name]).any()):  # a smaller (fast) database without this person
+            continue
         pil = postprocess.to_pil(ph)
         clean = protect.face_crop(postprocess.apply(pil, profile), 112)[0][None]
         for strength in strengths:
@@ -276,14 +278,16 @@ def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identitie
                 out = protect.protect_image(pil, pert, refine_steps=steps, recognizer=rec)
                 seconds = time.perf_counter() - t
                 crop = protect.face_crop(postprocess.apply(out.image, profile), 112)[0][None]
-                q = postprocess.from_pil(out.image)[None]
+                x0, y0, side = out.boxes[0] if out.boxes else (0, 0, min(pil.size))
+                box = (max(0, x0), max(0, y0), min(pil.width, x0 + side), min(pil.height, y0 + side))
+                q, q0 = (postprocess.from_pil(im.crop(box))[None] for im in (out.image, pil))  # the largest face's square
                 for vn, m in engines.items():
                     rows.append({"photo": name, "strength": strength, "way": way, "engine": vn, "profile": profile,
                                  "tier": toap.threat_tier(pert.card["surrogates"] if way == "universal"
                                                           else [toap.DLIB_DESCRIPTOR], vn),
                                  "hits_before": hits(m.encode(clean), vn, label_of[name]),
                                  "hits_after": hits(m.encode(crop), vn, label_of[name]),
-                                 "psnr": evaluate.psnr(q, postprocess.from_pil(pil)[None]), "seconds": seconds})
+                                 "psnr": evaluate.psnr(q, q0), "seconds": seconds})
     return rows
 
 
@@ -691,47 +695,83 @@ def targets_known(result: dict) -> list[dict]:
 HEADLINE_POSTS = ("none", "jpeg:75", "jpeg:50", "facebook", "resize:0.5", "photo:facebook")
 
 
+def _setting_table(rows: list[dict], setting: str) -> list[str]:
+    """Markdown lines: mean relative drop per tier x perturbation after ``HEADLINE_POSTS``."""
+    posts = [p for p in HEADLINE_POSTS if any(r["post"] == p and r["setting"] == setting for r in rows)]
+    lines = ["| tier | perturbation | " + " | ".join(posts) + " | PSNR | SSIM |", "|---|---|" + "---|" * (len(posts) + 2)]
+    keys = dict.fromkeys((r["tier"], r["perturbation"]) for r in rows if r["setting"] == setting)
+    for tier in toap.TIERS:
+        for t, pname in keys:
+            if t != tier:
+                continue
+            cells = [_mean(rows, tier=t, perturbation=pname, post=p, setting=setting) for p in posts]
+            ps = [r for r in rows if r["perturbation"] == pname and r["setting"] == setting and r["post"] == "none"]
+            lines.append(f"| {t} | {pname} | " + " | ".join("-" if np.isnan(c) else f"{c:.1%}" for c in cells)
+                         + f" | {np.mean([r['psnr'] for r in ps]):.1f} | {np.mean([r['ssim'] for r in ps]):.3f} |")
+    return lines
+
+
+def _per_photo_table(table: list[dict]) -> list[str]:
+    """Markdown lines: the per-photo table (person's photos in the top 10, original -> protected)."""
+    if not table:
+        return []
+    engines = sorted({r["engine"] for r in table})
+    lines = [f"**per photo** (the demo's example photos, after the {table[0]['profile']} profile): the person's "
+             "photos in the engine's top 10 (tie-aware expectation), original -> protected", "",
+             "| photo | strength | " + " | ".join(f"{w}, {e}" for w in ("universal", "refined") for e in engines) + " |",
+             "|---|---|" + "---|" * (2 * len(engines))]
+    for photo, strength in dict.fromkeys((r["photo"], r["strength"]) for r in table):
+        cells = [next((f"{r['hits_before']:.1f} -> {r['hits_after']:.1f}" for r in table if r["photo"] == photo
+                       and r["strength"] == strength and r["way"] == w and r["engine"] == e), "-")
+                 for w in ("universal", "refined") for e in engines]
+        lines.append(f"| {photo.replace('_', ' ')} | {strength} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
-    """The README's tables: mean relative mAP@all drop per tier x perturbation (query setting,
-    database setting in the second table), the targets, the trade-off and the limits."""
+    """The results' tables: mean relative mAP@all drop per tier x perturbation (query setting,
+    database setting in the second table), the targets, the per-photo table and the limits."""
     rows = result["rows"]
     lines = [f"{result['protocol']}; eps 8/255 unless named; mean relative mAP@all drop over the tier's victims "
              f"(tie-aware); real codecs; `python -m toap_kit.bench toap` ({'fast' if result['fast'] else 'full'} run, "
              f"{result['seconds'] / 60:.0f} min).", ""]
     for setting in ("query", "database"):
-        posts = [p for p in HEADLINE_POSTS if any(r["post"] == p and r["setting"] == setting for r in rows)]
-        lines += [f"**{setting} setting**", "", "| tier | perturbation | " + " | ".join(posts) + " | PSNR | SSIM |",
-                  "|---|---|" + "---|" * (len(posts) + 2)]
-        keys = dict.fromkeys((r["tier"], r["perturbation"]) for r in rows if r["setting"] == setting)
-        for tier in toap.TIERS:
-            for t, pname in keys:
-                if t != tier:
-                    continue
-                cells = [_mean(rows, tier=t, perturbation=pname, post=p, setting=setting) for p in posts]
-                ps = [r for r in rows if r["perturbation"] == pname and r["setting"] == setting and r["post"] == "none"]
-                lines.append(f"| {t} | {pname} | " + " | ".join("-" if np.isnan(c) else f"{c:.1%}" for c in cells)
-                             + f" | {np.mean([r['psnr'] for r in ps]):.1f} | {np.mean([r['ssim'] for r in ps]):.3f} |")
-        lines.append("")
+        lines += [f"**{setting} setting**", "", *_setting_table(rows, setting), ""]
     lines += ["**targets (issues 11 and 18)**", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']:.3f} | {t['goal']} | {'yes' if t['met'] else '**no**'} |"
               for t in targets(result)]
-    table = result.get("per_photo", [])
-    if table:
-        lines += ["", f"**per photo (the demo's example photos, after the {table[0]['profile']} profile): the person's "
-                  "photos in the engine's top 10, original -> protected**", "",
-                  "| photo | strength | " + " | ".join(f"{w} {e}" for w in ("universal", "refined")
-                                                        for e in sorted({r['engine'] for r in table})) + " |",
-                  "|---|---|" + "---|" * (2 * len({r['engine'] for r in table}))]
-        for photo, strength in dict.fromkeys((r["photo"], r["strength"]) for r in table):
-            cells = [next((f"{r['hits_before']:.1f} -> {r['hits_after']:.1f}" for r in table if r["photo"] == photo
-                           and r["strength"] == strength and r["way"] == w and r["engine"] == e), "-")
-                     for w in ("universal", "refined") for e in sorted({r['engine'] for r in table})]
-            lines.append(f"| {photo} | {strength} | " + " | ".join(cells) + " |")
+    per = _per_photo_table(result.get("per_photo", []))
+    lines += ["", *per] if per else []
     lines += ["", "**limits (real-recognizer engines, query setting)**", "", "| engine | perturbation | victim | post | rel. drop |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['engine']} | {r['perturbation']} | {r['victim']} | {r['post']} | {r['rel_drop']:.1%} |"
               for r in result["limits"]]
     return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- make results: begin (generated from results/toap.json by toap_kit.results.update_readme) -->"
+README_END = "<!-- make results: end -->"
+
+
+def readme_block(result: dict) -> str:
+    """What the README shows between ``README_BEGIN`` and ``README_END``: the query-setting table,
+    the per-photo table and the demo's sentence, all from ``result``."""
+    lines = [README_BEGIN, "", "**query setting**", "", *_setting_table(result["rows"], "query"), ""]
+    per = _per_photo_table(result.get("per_photo", []))
+    if per:
+        lines += [*per, "", per_photo_sentence(result), ""]
+    return "\n".join(lines + [README_END])
+
+
+def update_readme(result: dict, path: Path = RESULTS_DIR.parent / "README.md") -> bool:
+    """Replace the README's generated block with ``readme_block(result)`` (atomically); False if
+    the README has no such block."""
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    _atomic(path, head + readme_block(result) + rest.split(README_END, 1)[1])
+    return True
 
 
 def figures(result: dict, folder: Path) -> list[Path]:

@@ -1,9 +1,10 @@
-"""Issue 11 experiment: is `toap-mid`'s miss on the dlib engines (engine-known-backbone, about
+"""Issue 11 experiment (its `toap-mid` now ships as `toap-mid-mixed`; issue 18 made the ladder
+dlib-first after it): is `toap-mid`'s miss on the dlib engines (engine-known-backbone, about
 35% relative drop against a target of 85%) a matter of how its budget is shared?
 
 `toap-mid` spends its 180 steps on four surrogates: the three small CNNs and dlib's network
 through the protector's own 48-bit ITQ layer (weight 2 of 5). This script trains the same
-recipe (`artifacts.PERTURBATION_SPECS["toap-mid"]`: eps 8/255, PSNR floor 32.5 dB, 3 rounds of
+recipe (`artifacts.PERTURBATION_SPECS["toap-mid-mixed"]`: eps 8/255, PSNR floor 32.5 dB, 3 rounds of
 60 steps, the CG and its alternation, seed 0, the same training faces) with dlib's network as
 the only surrogate (meta-learning then falls away: it needs two surrogates), and measures both
 on the two dlib engines, query setting, every open-set query, real codecs:
@@ -35,7 +36,7 @@ def dlib_only() -> Perturbation:
     path = OUTPUT_DIR / "experiments" / "toap-mid-dlib-only"
     if path.with_suffix(".json").is_file():
         return Perturbation.load(path)
-    recipe = {**artifacts.PERTURBATION_SPECS["toap-mid"], "surrogates": [toap.DLIB_SURROGATE],
+    recipe = {**artifacts.PERTURBATION_SPECS["toap-mid-mixed"], "surrogates": [toap.DLIB_SURROGATE],
               "weights": {}}
     p = artifacts.make_perturbation(recipe)
     p.card["name"] = path.name
@@ -49,7 +50,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     faces, dis = load_faceset("lfw158", 112), load_faceset("distractors", 112)
     sets = retrieval_sets(make_protocol(faces, len(dis)), faces, dis)
-    perts = {"toap-mid": Perturbation.load("toap-mid"), "toap-mid, dlib only": variant}
+    perts = {"toap-mid": Perturbation.load("toap-mid-mixed"), "toap-mid, dlib only": variant}
     for name, p in perts.items():
         print(f"{name}: surrogates {p.card['surrogates']}, trained in {sum(p.card['seconds'].values()):.0f} s")
     print("\n| engine | perturbation | " + " | ".join(POSTS) + " | PSNR | SSIM |")
