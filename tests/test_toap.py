@@ -102,7 +102,21 @@ def test_shipped_perturbations_and_their_tiers():
     assert {"uap-mid-cnn", "toap-mid-cnn"} <= set(names)
     for n in names:
         p = Perturbation.load(n)
-        assert p.card["surrogates"] and all(s in zoo.surrogates() or s == toap.DLIB_SURROGATE for s in p.card["surrogates"])
+        assert p.card["surrogates"] and all(s in zoo.surrogates() or s in toap.KNOWN_BACKBONE for s in p.card["surrogates"])
     assert toap.threat_tier(Perturbation.load("toap-mid-cnn").card["surrogates"], "dlib_itq_64") == "engine-blackbox"
     if "toap-mid" in names:
         assert toap.threat_tier(Perturbation.load("toap-mid").card["surrogates"], "dlib_itq_64") == "engine-known-backbone"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (TOAP.fit's CPU path is tested above)")
+def test_fit_on_cuda_returns_a_cpu_perturbation_and_leaves_the_models_where_they_were():
+    from toap_kit import data as data_
+
+    faces = data_.load_faceset("lfw158", 112)
+    x, y = faces.images[:16], faces.labels[:16]
+    models = {"vgg_dpsh_32": zoo.load("vgg_dpsh_32")}
+    attack = toap.TOAP(models, progress=False, device="cuda", rounds=1, steps_per_round=2, batch_size=4, cg=False,
+                       alternate=False, meta=False)
+    p = attack.fit(x, y)
+    assert p.delta.device.type == "cpu" and p.card["device"].startswith("cuda")
+    assert next(models["vgg_dpsh_32"].parameters()).device.type == "cpu"

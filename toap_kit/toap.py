@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import attacks, cg as cg_module, diffproc, postprocess, zoo
+from .config import device as default_device
 from .data import load_faceset, make_protocol
 from .perturbation import Perturbation
 from .recognizer import RecognizerHash
@@ -224,12 +225,17 @@ class TOAP:
         cg_model: the Compression Generator to start from (default: the shipped one); a copy
             is fine-tuned, the given one is never changed (``cg=False`` trains without a CG).
         progress: show a tqdm bar.
+        device: where ``fit`` runs the surrogates, the CG and the delta (default
+            ``config.device()``: CUDA when present, ``TOAP_DEVICE`` to force); the models are
+            moved back where they were afterwards, and the result is on the CPU.
         **config: ``TOAPConfig`` fields (checked: ``ValueError`` on a bad value).
     """
 
     def __init__(self, surrogates: Sequence[str] | Mapping[str, nn.Module],
-                 cg_model: cg_module.CompressionGenerator | None = None, progress: bool = True, **config):
+                 cg_model: cg_module.CompressionGenerator | None = None, progress: bool = True,
+                 device: torch.device | str | None = None, **config):
         self.config = TOAPConfig(**config)
+        self.device = torch.device(device) if device else default_device()
         if not surrogates:
             raise ValueError("need at least one surrogate")
         self.models = dict(surrogates) if isinstance(surrogates, Mapping) else load_surrogates(surrogates)
@@ -273,7 +279,7 @@ class TOAP:
         if geo is None:
             return x
         s, (tx, ty) = geo["scale"], geo["shift"]
-        theta = torch.tensor([[s, 0.0, tx], [0.0, s, ty]], dtype=x.dtype).expand(len(x), 2, 3)
+        theta = torch.tensor([[s, 0.0, tx], [0.0, s, ty]], dtype=x.dtype, device=x.device).expand(len(x), 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -359,28 +365,31 @@ class TOAP:
         self._sampler = postprocess.OpSampler(quality_range=(40, 95), p_resize=0.3, scale_range=c.resize_range)
         self._rms_max = 10 ** (-c.psnr_floor / 20)
         self._history = []
+        dev = self.device
         if c.cg:
-            self.cg = copy.deepcopy(self._cg_start if self._cg_start is not None else cg_module.load()).eval()
+            self.cg = copy.deepcopy(self._cg_start if self._cg_start is not None else cg_module.load()).eval().to(dev)
         else:
             self.cg = None
         label_ids = {int(v): i for i, v in enumerate(labels.unique().tolist())}
         y_all = torch.tensor([label_ids[int(v)] for v in labels])
         timings: dict[str, float] = {"setup": 0.0, "delta": 0.0, "cg": 0.0, "validate": 0.0}
+        homes = [next(iter([*m.parameters(), *m.buffers()]), torch.empty(0)).device for m in models]
         with attacks.eval_mode(*models, *([self.cg] if self.cg is not None else [])):
             grads = [p.requires_grad for m in models for p in m.parameters()]
             for m in models:
-                m.requires_grad_(False)
+                m.requires_grad_(False).to(dev)
+            x_all = faces.to(dev)
             if self.cg is not None:
                 self.cg.requires_grad_(False)
             try:
                 self._anchors, self._scale = {}, {}
                 for n, m in self.models.items():
                     table = attacks.anchor_codes(m, faces, labels)
-                    self._anchors[n] = torch.stack([table[int(v)] for v in labels.unique().tolist()])
+                    self._anchors[n] = torch.stack([table[int(v)] for v in labels.unique().tolist()]).to(dev)
                     with torch.no_grad():
-                        self._scale[n] = float(torch.cat([m(faces[i:i + 128]) for i in range(0, len(faces), 128)]).abs().mean())
+                        self._scale[n] = float(torch.cat([m(x_all[i:i + 128]) for i in range(0, len(faces), 128)]).abs().mean())
                 timings["setup"] = time.perf_counter() - t0
-                delta = torch.zeros(1, 3, c.size, c.size, requires_grad=True)
+                delta = torch.zeros(1, 3, c.size, c.size, device=dev, requires_grad=True)
                 opt = torch.optim.Adam([delta], lr=c.lr)
                 bar = tqdm(total=c.steps, desc="TOAP", disable=not self.progress)
                 for r in range(c.rounds):
@@ -388,33 +397,36 @@ class TOAP:
                     for s in range(c.steps_per_round):
                         step = r * c.steps_per_round + s
                         idx = torch.randint(0, len(faces), (min(c.batch_size, len(faces)),), generator=gen)
-                        x, y = faces[idx], y_all[idx]
+                        x, y = x_all[idx], y_all[idx].to(dev)
                         row = self._step(delta, opt, x, y, names, step, rng)
                         self._history.append(MappingProxyType({"kind": "step", "round": r, "step": step, **row}))
                         bar.update(1)
                     timings["delta"] += time.perf_counter() - t
                     if c.cg and c.alternate and c.cg_steps and r < c.rounds - 1:
                         t = time.perf_counter()
-                        self._finetune_cg(faces, delta.detach(), rng, r)
+                        self._finetune_cg(x_all, delta.detach(), rng, r)
                         timings["cg"] += time.perf_counter() - t
                     if val_faces is not None:
                         t = time.perf_counter()
-                        self._history.append(MappingProxyType(self._validate(val_faces, delta.detach(), r)))
+                        self._history.append(MappingProxyType(self._validate(val_faces, delta.detach().cpu(), r)))
                         timings["validate"] += time.perf_counter() - t
                 bar.close()
             finally:
                 i = 0
-                for m in models:
+                for m, home in zip(models, homes):
+                    m.to(home)
                     for p in m.parameters():
                         p.requires_grad_(grads[i])
                         i += 1
+                if self.cg is not None:
+                    self.cg.cpu()
         timings = {k: round(v, 1) for k, v in timings.items()}
         log.info("TOAP done in %.0f s (%s)", time.perf_counter() - t0, timings)
         card = {"method": "toap", "surrogates": names, "config": {**asdict(c), "weights": dict(c.weights)},
                 "cg": cg_module.card()["sha256"] if c.cg and self._cg_start is None else ("given" if c.cg else None),
                 "data": data or f"{len(faces)} faces of {len(label_ids)} identities", "n_faces": len(faces),
-                "seed": c.seed, "seconds": timings}
-        return Perturbation(delta.detach()[0], c.eps, card)
+                "seed": c.seed, "seconds": timings, "device": str(dev)}
+        return Perturbation(delta.detach()[0].cpu(), c.eps, card)
 
     def _step(self, delta: torch.Tensor, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
               names: list[str], step: int, rng: np.random.Generator) -> dict:
