@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from toap_kit import demo, zoo
+from toap_kit.engine import DEFAULT_ENGINE, DISPLAY, Engine
 from toap_kit.config import OUTPUT_DIR
 from toap_kit.data import DATA_DIR
 from toap_kit.odd_inputs import shipped_photos
@@ -27,7 +28,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver") 
 
 @pytest.fixture(scope="module")
 def engine():
-    return demo.Engine()
+    return Engine()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_search_shipped_query_marks_matches(engine):
 
 def test_default_engine_is_a_real_recognizer_that_finds_the_shipped_queries_people(engine):
     # the demo opens on dlib_itq_32: before protection, it must find people
-    assert engine.default_model == demo.DEFAULT_ENGINE == "dlib_itq_32"
+    assert engine.default_model == DEFAULT_ENGINE == "dlib_itq_32"
     hits = []
     for n in range(0, 60, 3):
         image, name = engine.query(n)
@@ -63,7 +64,7 @@ def test_default_engine_is_a_real_recognizer_that_finds_the_shipped_queries_peop
 def test_upload_path_crops_and_searches(engine):
     photo = Image.open(DATA_DIR / "photos250" / "Bill_Clinton" / "01.jpg").convert("RGB")
     shown, gallery, summary = demo.search_upload(engine, photo, zoo.names()[0])
-    assert shown.size == (demo.DISPLAY, demo.DISPLAY)
+    assert shown.size == (DISPLAY, DISPLAY)
     assert len(gallery) == 10 and "unknown" in summary
 
 
@@ -75,12 +76,12 @@ def test_examples_are_evaluation_people_with_other_photos_in_the_database(engine
     assert photos and demo.examples(engine)[0] == photos[0], "the page opens on the first shipped photo"
     assert demo.example_photo(engine, photos[0]).size == (250, 250)
     face = next(e for e in exs if e.kind == "face")
-    assert demo.example_photo(engine, face).size == (demo.DISPLAY, demo.DISPLAY)
+    assert demo.example_photo(engine, face).size == (DISPLAY, DISPLAY)
 
 
 def test_the_intro_states_the_measured_per_photo_result():
     s = demo.measured_sentence()  # from results/toap.json's per-photo table (make results)
-    assert s.startswith("Measured on the") and demo.DEFAULT_ENGINE in s and "per-photo refinement" in s
+    assert s.startswith("Measured on the") and DEFAULT_ENGINE in s and "per-photo refinement" in s
 
 
 def test_engine_labels_name_the_threat_tier():
@@ -120,7 +121,7 @@ def test_a_face_crop_example_is_protected_as_a_whole(engine):
     image, name = engine.query(0)
     res = demo.protect_and_search(engine, to_pil(image), "low", SMALL, "facebook", identity=name,
                                   face_crop_input=True)
-    assert res.faces == [(0, 0, demo.DISPLAY)]
+    assert res.faces == [(0, 0, DISPLAY)]
     diff = np.abs(np.asarray(res.protected, np.int16) - np.asarray(res.original, np.int16))
     assert 0 < diff.max() <= 4
 

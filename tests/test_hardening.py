@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from toap_kit import data, demo, postprocess as P, store, zoo
+from toap_kit.engine import DISPLAY, Engine
 from toap_kit.perturbation import Perturbation
 
 EPS = 8 / 255
@@ -19,7 +20,7 @@ EPS = 8 / 255
 
 @pytest.fixture(scope="module")
 def engine():
-    return demo.Engine()
+    return Engine()
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +299,7 @@ def test_large_uploads_are_shrunk_before_cropping(engine, small_model, monkeypat
     big = photo.resize((4000, 3000), Image.BICUBIC)  # 12 MP
     shown, gallery, summary = demo.search_upload(engine, big, small_model)
     assert seen[-1] == (3, 1500, 2000) and max(seen[-1]) <= demo.UPLOAD_MAX_SIDE
-    assert shown.size == (demo.DISPLAY, demo.DISPLAY) and len(gallery) == 10
+    assert shown.size == (DISPLAY, DISPLAY) and len(gallery) == 10
     assert demo.NO_FACE not in summary, "the face must still be found after shrinking"
     demo.search_upload(engine, photo, small_model)
     assert seen[-1] == (3, 250, 250), "small photos are not resized"

@@ -5,7 +5,6 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,23 +26,6 @@ def pert() -> Perturbation:
 @pytest.fixture(scope="module")
 def photo() -> Image.Image:
     return odd_inputs.shipped_photo(0)
-
-
-@pytest.fixture(scope="module")
-def small_db() -> SimpleNamespace:
-    """A stand-in for ``demo.Engine``'s database: 200 distractor faces (encoding the shipped
-    2,775 faces takes minutes per engine at one thread; ``verify`` only reads ``sets.db_images``)."""
-    files = sorted((data.DATA_DIR / "distractors").glob("*/*.jpg"))[:200]
-    return SimpleNamespace(sets=SimpleNamespace(db_images=torch.stack([data.load_image(f, 112) for f in files])))
-
-
-@pytest.fixture
-def cache(tmp_path_factory, monkeypatch, small_db):
-    """verify's database codes: the small database, cached in a test folder."""
-    folder = tmp_path_factory.getbasetemp() / "verify-cache"
-    monkeypatch.setattr(verify, "CACHE_DIR", folder)
-    monkeypatch.setattr(verify, "_shared_engine", lambda: small_db)
-    return folder
 
 
 def _diff(a: Image.Image, b: Image.Image) -> np.ndarray:
@@ -357,7 +339,7 @@ def test_console_script(photo, tmp_path):
 
 
 # ---------------------------------------------------------------- verify
-def test_verify_clean_copy_is_found_with_tiers(photo, pert, cache):
+def test_verify_clean_copy_is_found_with_tiers(photo, pert):
     rows = verify.verify(photo, photo.copy(), engines=["vgg_dpsh_32", "mobilenet_csq_32"], perturbation="toap-mid")
     assert [r["engine"] for r in rows] == ["vgg_dpsh_32", "mobilenet_csq_32"]
     for r in rows:
@@ -366,7 +348,6 @@ def test_verify_clean_copy_is_found_with_tiers(photo, pert, cache):
     assert [r["tier"] for r in rows] == ["cnn-teacher-known", "cnn-teacher-known"]  # toap-mid is made on dlib alone
     assert verify.verdict(rows).startswith("NOT PROTECTED")
     assert verify.verify(photo, photo, engines=["vgg_dpsh_32"])[0]["tier"] == "unknown"
-    assert len(list(cache.glob("*.npy"))) == 2  # the database was encoded once per engine
     protected = protect.protect_image(photo, pert, detect=True).image
     rows = verify.verify(photo, protected, engines=["vgg_dpsh_32"], perturbation=pert)
     assert rows[0]["hamming"] > 0
@@ -382,7 +363,7 @@ def test_rank_is_tie_aware():
     assert verify._rank(np.array([1] * 12), 2, 10)[0] == 0
 
 
-def test_cli_verify_json_and_simulate(photo, pert, tmp_path, cache, capsys):
+def test_cli_verify_json_and_simulate(photo, pert, tmp_path, capsys):
     photo.save(tmp_path / "me.jpg", quality=95)
     assert cli.main(["protect", str(tmp_path / "me.jpg"), "-o", str(tmp_path / "out"), "-q"]) == 0
     assert cli.main(["verify", str(tmp_path / "me.jpg"), str(tmp_path / "out" / "me.jpg"), "--simulate",

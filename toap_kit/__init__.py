@@ -28,6 +28,8 @@ Which module does what (one room per concept):
                   (``refine_faces``, ``toap protect --refine``) and the dlib-first universal ladder.
 - ``protect``     protect your own photos (every face, full resolution, metadata stripped, resumable
                   batches); the ``toap`` command is ``cli``.
+- ``engine``      the face search engine over the shipped database (``Engine``), the database
+                  codes of every zoo model (shipped: ``db_codes``), used by ``verify`` and the demo.
 - ``verify``      what a platform's copy of a protected photo gives away, engine by engine.
 - ``odd_inputs``  a corpus of bad or odd photo files, for the tests and ``bench protect``.
 - ``plots``       figures: face grids and retrieval galleries.
@@ -37,7 +39,7 @@ Which module does what (one room per concept):
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import (attacks, cg, data, diffproc, evaluate, hashing, models, odd_inputs, perturbation, plots, postprocess,
+from . import (attacks, cg, data, diffproc, engine, evaluate, hashing, models, odd_inputs, perturbation, plots, postprocess,
                protect, recognizer, refine, results, retrieval, store, teacher, toap, verify, zoo)
 from .config import Config, device, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
@@ -53,7 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
     "TOAPConfig", "TrainConfig",
-    "attacks", "build_model", "cg", "data", "device", "diffproc", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
+    "attacks", "build_model", "cg", "data", "device", "diffproc", "engine", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "perturbation",
     "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
     "toap", "train_hash_model", "verify", "zoo",

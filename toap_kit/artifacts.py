@@ -1,7 +1,8 @@
 """Rebuild everything the repository ships, from scratch, with one seed: ``make artifacts``.
 
     python -m toap_kit.artifacts teacher   # dlib embeddings of the shipped faces (~9 min)
-    python -m toap_kit.artifacts zoo       # train the hash-model zoo (see zoo.ZOO_SPECS)
+    python -m toap_kit.artifacts zoo       # train the hash-model zoo (see zoo.ZOO_SPECS), then
+                                           # the shipped database's codes (engine.SHIPPED_CODES)
     python -m toap_kit.artifacts perturbations  # the shipped UAP baselines and TOAP ladder
     python -m toap_kit.artifacts cg        # pre-train the Compression Generator (~10 min, 1 core)
     python -m toap_kit.artifacts all
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from . import attacks, refine, teacher, toap, zoo
+from . import attacks, engine, refine, teacher, toap, zoo
 from .data import load_faceset, make_protocol
 from .perturbation import PERTURBATION_DIR, Perturbation
 
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         build_teacher(args.force)
     if args.step in ("zoo", "all"):
         zoo.build_zoo(force=args.force, only=args.only)
+        engine.write_shipped_codes(args.only)  # the models changed: so did their database codes
     if args.step in ("cg", "all"):
         build_cg(args.force)
     if args.step in ("perturbations", "all"):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -265,8 +267,8 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
     - ``folder_100_s``: ``protect_files`` over a folder of ``n_folder`` JPEGs of ``folder_size``
       (shipped photos upscaled), progress bar on;
     - ``verify_ms``: ``verify`` of a 250x250 photo against its protected copy, every zoo engine,
-      median of 3 once the engines' database codes are cached (``verify_first_s``: the first
-      call; it encodes the database for each engine the first time on a machine);
+      median of 3 in one process (``verify_first_call_s``: ``toap verify --json`` in a fresh
+      process, imports and model loading included; the database codes are shipped);
       ``verify_12mp_ms`` the same on the 12-megapixel photo;
     - ``bad_inputs``: ``odd_inputs.run_odd_inputs`` (counts; each case in ``bad_input_cases``).
     """
@@ -309,10 +311,14 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
         out["folder_protected"] = sum(r["status"] == "protected" for r in rows)
         original = odd_inputs.shipped_photo(3)
         protected = protect.protect_image(original, p).image
-        t = time.perf_counter()
-        rows = verify.verify(original, protected, perturbation=p)
-        out["verify_first_s"] = time.perf_counter() - t
-        out["verify_engines"] = len(rows)
+        original.save(tmp / "original.png")
+        protected.save(tmp / "protected.png")
+        t = time.perf_counter()  # a fresh process, as a user's first `toap verify` (imports, models, codes)
+        first = subprocess.run([sys.executable, "-m", "toap_kit.cli", "verify", str(tmp / "original.png"),
+                                str(tmp / "protected.png"), "-m", "mid", "--json"],
+                               capture_output=True, text=True, check=True)
+        out["verify_first_call_s"] = time.perf_counter() - t
+        out["verify_engines"] = len(json.loads(first.stdout)["rows"])
         out["verify_ms"] = _median_ms(lambda: verify.verify(original, protected, perturbation=p), 3)
         big_protected = protect.protect_image(big, p).image
         out["verify_12mp_ms"] = _median_ms(lambda: verify.verify(big, big_protected, perturbation=p), 3)
@@ -336,10 +342,10 @@ def _print_protect(r: dict) -> None:
     w, h = r["folder_photo_size"]
     print(f"| a folder of {r['folder_photos']} photos ({w}x{h} JPEG; {r['folder_protected']} protected) | "
           f"{r['folder_100_s']:.1f} s | |")
-    print(f"| verify, {r['verify_engines']} engines, 250x250 photo (database codes cached) | "
+    print(f"| verify, {r['verify_engines']} engines, 250x250 photo (models loaded) | "
           f"{r['verify_ms']:.0f} ms | |")
     print(f"| verify, {r['verify_engines']} engines, 12-megapixel photo | {r['verify_12mp_ms']:.0f} ms | |")
-    print(f"| verify, first call in a process | {r['verify_first_s']:.1f} s | |")
+    print(f"| verify, first call: `toap verify --json` in a fresh process | {r['verify_first_call_s']:.1f} s | < 30 s |")
     b = r["bad_inputs"]
     print(f"\nbad or odd inputs: {b['files']} cases, {b['clear_errors']} clear errors, {b['correct_results']} "
           f"correct results, {b['crashes']} crashes, {b['unexpected']} unexpected, "

@@ -9,9 +9,8 @@ the shipped ``results/toap.json``).
 
 Plain functions, tested without a browser:
 
-- ``Engine``: the database and the zoo models; ``Engine.search(face, model)`` gives the top 10.
-  Each model's database codes come from ``verify``'s on-disk cache (``outputs/verify-cache``),
-  so only the very first launch encodes them (about a minute for a dlib engine on 2 cores).
+- the search engine itself (database, models, shipped codes) is ``engine.Engine``;
+  ``Engine.search(face, model)`` gives the top 10.
 - ``protect_and_search(engine, photo, strength, engine_name, upload, refine=False)``: search
   with the original's largest face; protect every face (``protect.protect_image``; ``refine``:
   each face refined against dlib's network, ``refine.DEFAULT_STEPS`` steps, the page's
@@ -37,8 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import postprocess, refine as refine_module, retrieval, verify, zoo
-from .data import check_pixels, crop_face, load_faceset, make_protocol, retrieval_sets
+from . import postprocess, refine as refine_module
+from .data import crop_face
+from .engine import DEFAULT_ENGINE, DISPLAY, Engine, SearchResult
 from .evaluate import ssim as ssim_of
 from .odd_inputs import shipped_photos
 from .perturbation import Perturbation
@@ -47,11 +47,10 @@ from .protect import (DEFAULT_JPEG_QUALITY, MAX_PIXELS, STRENGTHS, TMP_TAG, Prot
                       load_perturbation, open_photo, protect_image)
 from .toap import DLIB_DESCRIPTOR, threat_tier
 
-__all__ = ["DEFAULT_ENGINE", "DemoResult", "Engine", "Example", "MAX_UPLOAD", "SearchResult", "TIER_WORDS",
+__all__ = ["DemoResult", "Example", "MAX_UPLOAD", "TIER_WORDS",
            "build_demo", "engine_label", "examples", "example_photo", "protect_and_search", "save_protected",
            "search_shipped", "search_upload", "upload_spec"]
 
-DISPLAY = 112  # side of the face crops the engines search and the galleries show
 UPLOAD_MAX_SIDE = 2000  # the plain search shrinks uploads to this long side first (12 MP: 0.8 s, not 2 s)
 SHOW_SIDE = 512  # long side of the photos the page shows (the download keeps the full resolution)
 MAX_UPLOAD = "20mb"  # Gradio's max_file_size at launch (demo_app.py)
@@ -59,8 +58,6 @@ NO_FACE = "No face was detected: the centre of the photo was used."
 NO_FACE_PROTECT = ("No face was found in this photo, so there is nothing to protect. The detector finds "
                    "faces seen from the front, about 40 pixels wide or more (on a photo larger than "
                    "500 pixels: about 8% of its long side or more).")
-DEFAULT_ENGINE = "dlib_itq_32"
-"""The engine the page opens on: a hash layer on a real face recognizer (dlib's ResNet)."""
 UPLOADS = ("none", "JPEG", *postprocess.profiles())
 """Choices of the "simulate upload" control: nothing, JPEG at the slider's quality, each platform."""
 TIER_WORDS = {
@@ -73,81 +70,6 @@ TIER_WORDS = {
 """What the protector knew about an engine, in words, per ``toap.threat_tier``."""
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SearchResult:
-    """Top-k of one query: database indices, Hamming distances, identity names, and whether
-    each is the query's identity (``None`` for an uploaded photo of unknown identity)."""
-
-    indices: list[int]
-    distances: list[int]
-    names: list[str]
-    correct: list[bool] | None
-
-
-class Engine:
-    """A face search engine over the open-set database, one code table per model.
-
-    Args:
-        models: zoo model names to offer (default: every zoo model).
-        default: the model shown first (default: ``DEFAULT_ENGINE`` if offered, else the one
-            with the best clean mAP).
-    """
-
-    def __init__(self, models: list[str] | None = None, default: str | None = None):
-        faces = load_faceset("lfw158", DISPLAY)
-        dis = load_faceset("distractors", DISPLAY)
-        self.sets = retrieval_sets(make_protocol(faces, len(dis)), faces, dis)
-        self.query_names = [faces.identities[int(i)] for i in self.sets.query_labels]
-        names = faces.names()
-        self.db_names = [names[int(s)] if s >= 0 else dis.identities[int(-1 - s)]
-                         for s in self.sets.db_source]
-        known = zoo.names()
-        if not known:
-            raise FileNotFoundError("no models in data/zoo: run `make artifacts`")
-        unknown = [m for m in models or [] if m not in known]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; choose from {known}")
-        self.models = list(models) if models else known
-        if default is None:
-            default = DEFAULT_ENGINE if DEFAULT_ENGINE in self.models else max(
-                self.models, key=lambda n: zoo.card(n)["clean_map_all"]["open"])
-        if default not in self.models:
-            raise ValueError(f"default model {default!r} is not among {self.models}")
-        self.default_model = default
-
-    @lru_cache(maxsize=None)
-    def _model_and_index(self, name: str) -> tuple[torch.nn.Module, retrieval.HammingIndex]:
-        model = verify._model(name)  # one copy per process, shared with verify
-        index = retrieval.HammingIndex(model.bits)
-        index.add(verify._db_codes(name, self))  # cached in outputs/verify-cache after the first time
-        return model, index
-
-    def search(self, image: torch.Tensor, model_name: str, k: int = 10,
-               identity: str | None = None) -> SearchResult:
-        """Top-``k`` database faces for one ``3 x H x W`` [0, 1] face crop (float64 is
-        converted; uint8, NaN or out-of-range pixels raise, see ``data.check_pixels``)."""
-        if model_name not in self.models:
-            raise ValueError(f"unknown model {model_name!r}; choose one of {self.models}")
-        image = check_pixels(image, "query image", ndim=(3,))
-        model, index = self._model_and_index(model_name)
-        with torch.no_grad():
-            d, i = index.search(model.encode(image[None]), k)
-        names = [self.db_names[j] for j in i[0]]
-        correct = None if identity is None else [n == identity for n in names]
-        return SearchResult(i[0].tolist(), d[0].tolist(), names, correct)
-
-    def query(self, n: int) -> tuple[torch.Tensor, str]:
-        """Shipped query ``n`` (an integer; ``2.0`` is accepted, ``2.5`` is not): its image
-        and identity."""
-        whole = isinstance(n, (int, np.integer)) or (isinstance(n, (float, np.floating)) and float(n).is_integer())
-        if isinstance(n, bool) or not whole:
-            raise ValueError(f"query number must be a whole number, got {n!r}")
-        n = int(n)
-        if not 0 <= n < len(self.query_names):
-            raise IndexError(f"query index must be in 0..{len(self.query_names) - 1}, got {n}")
-        return self.sets.query_images[n], self.query_names[n]
 
 
 # ---------------------------------------------------------------- shipped examples

@@ -11,77 +11,16 @@ database still returns the person in the top 10 in both threat settings. The com
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-from functools import lru_cache
-from pathlib import Path
-
 import numpy as np
 import torch
 from PIL import Image
 
 from . import zoo
-from .config import OUTPUT_DIR
-from .data import DATA_DIR
+from .engine import db_codes, model
 from .perturbation import Perturbation
-from .protect import TMP_TAG, ProtectError, _upright, face_crop
+from .protect import ProtectError, _upright, face_crop
 
-__all__ = ["CACHE_DIR", "verdict", "verify"]
-
-log = logging.getLogger(__name__)
-
-CACHE_DIR = OUTPUT_DIR / "verify-cache"
-"""``verify`` keeps each engine's codes of the shipped database here (git-ignored ``outputs/``)."""
-
-
-@lru_cache(maxsize=1)
-def _shared_engine():
-    from .demo import Engine
-
-    return Engine()
-
-
-@lru_cache(maxsize=None)
-def _model(name: str):
-    return zoo.load(name)
-
-
-def _cache_file(name: str) -> Path:
-    """Where the codes of the shipped database under engine ``name`` are kept: the name holds a
-    hash of the model's card sha256 and of the face sets' manifests, so a changed model or
-    changed data never reads stale codes."""
-    from .demo import DISPLAY
-
-    h = hashlib.sha256(f"{zoo.card(name)['sha256']} {DISPLAY} open-set seed 0".encode())
-    for face_set in ("lfw158", "distractors"):
-        h.update((DATA_DIR / face_set / "manifest.csv").read_bytes())
-    return CACHE_DIR / f"{name}-{h.hexdigest()[:16]}.npy"
-
-
-def _db_codes(name: str, engine=None) -> np.ndarray:
-    """``N x bits`` int8 codes of the shipped database (``demo.Engine``'s: the open-set
-    protocol's database) under engine ``name``, from ``CACHE_DIR`` or encoded once and saved
-    there (a dlib engine takes about a minute on 2 cores; the cache makes later runs instant)."""
-    f = _cache_file(name)
-    if f.is_file():
-        try:
-            return np.load(f, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            log.warning("ignoring a broken cache file %s: %s", f, e)
-    eng = engine or _shared_engine()
-    log.info("encoding the shipped database with %s (once; cached in %s)", name, CACHE_DIR)
-    with torch.no_grad():
-        codes = _model(name).encode(eng.sets.db_images).numpy().astype(np.int8)
-    try:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f".{f.name}{TMP_TAG}{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            np.save(fh, codes, allow_pickle=False)
-        os.replace(tmp, f)
-    except OSError as e:
-        log.warning("cannot cache the database codes in %s: %s", f.parent, e)
-    return codes
+__all__ = ["verdict", "verify"]
 
 
 def _rank(distances: np.ndarray, d: int, k: int) -> tuple[float, float]:
@@ -106,7 +45,7 @@ def _surrogates(perturbation: str | Perturbation | None) -> list[str] | None:
 
 
 def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | None = None,
-           perturbation: str | Perturbation | None = None, *, engine=None, k: int = 10) -> list[dict]:
+           perturbation: str | Perturbation | None = None, *, k: int = 10) -> list[dict]:
     """Does a face search engine still find the person of ``original`` from ``uploaded``?
 
     The face of each photo is detected and cropped as the kit's engines do (``face_crop``:
@@ -131,8 +70,6 @@ def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | No
         engines: zoo model names (default all).
         perturbation: name/path or ``Perturbation`` the photo was protected with, for each
             engine's threat tier (``toap.threat_tier`` on its card's surrogates); None: "unknown".
-        engine: a ``demo.Engine`` whose database to encode when ``CACHE_DIR`` has no codes yet
-            (default: one shared per process, built only then).
         k: the top-k size.
 
     Returns:
@@ -161,9 +98,9 @@ def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | No
     (a, found_a), (b, found_b) = crops
     rows = []
     for name in names:
-        db = _db_codes(name, engine)
+        db = db_codes(name)  # shipped (``engine.SHIPPED_CODES``): instant
         with torch.no_grad():
-            codes = _model(name).encode(torch.stack([a, b])).numpy().astype(np.int8)
+            codes = model(name).encode(torch.stack([a, b])).numpy().astype(np.int8)
         bits = int(codes.shape[1])
         ham = int((codes[0] != codes[1]).sum())
         pq, rq = _rank((db != codes[1]).sum(1), ham, k)  # query setting: the uploaded face searches, original added
