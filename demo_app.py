@@ -5,10 +5,12 @@ before and after (``toap_kit.demo.build_demo``).
 
 Everything it shows comes from the shipped faces, models and perturbations (``data/``); nothing
 is downloaded. It serves on the loopback address only, unless ``--host`` says otherwise; there
-is never a public share link, and uploads above ``MAX_UPLOAD`` are refused.
+is never a public share link, and uploads above ``MAX_UPLOAD`` are refused. Ctrl-C or SIGTERM
+stops it cleanly: the uploads and results it kept are deleted.
 """
 import argparse
 import logging
+import signal
 
 from toap_kit.demo import MAX_UPLOAD, build_demo
 
@@ -18,5 +20,12 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
+    # SIGTERM (a service manager's stop) stops the server like Ctrl-C, instead of killing the
+    # process with the uploads and results on disk
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    demo = build_demo()
     # share=False: never a public gradio.live link; uploads above MAX_UPLOAD are refused
-    build_demo().launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
+    # launch returns on Ctrl-C or SIGTERM; close() also ends the open pages' streams, without which
+    # the server's shutdown, where Gradio deletes its cached files, waits for them and never runs
+    demo.close()

@@ -1,10 +1,14 @@
 """The demo, three ways: its functions called directly, a ``gradio_client`` round trip against a
 launched app, and a real headless browser (Debian's chromium through selenium) that uploads a
-photo, clicks protect and saves a screenshot to ``outputs/demo-screenshot.png``."""
+photo, clicks protect and saves a screenshot to ``outputs/demo-screenshot.png``; and the page
+under hostile input, parallel load and over time (issue 19: pixel cap, bad files, a file served
+while rewritten, files never deleted)."""
 import copy
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toap_kit import demo, zoo
+from toap_kit import demo, protect, zoo
 from toap_kit.engine import DEFAULT_ENGINE, DISPLAY, Engine
 from toap_kit.config import OUTPUT_DIR
 from toap_kit.data import DATA_DIR
-from toap_kit.odd_inputs import shipped_photos
+from toap_kit.odd_inputs import _bomb_png, shipped_photos
 from toap_kit.postprocess import to_pil
 from toap_kit.protect import ProtectError
 
@@ -37,6 +41,25 @@ def small_engine(engine):
     small = copy.copy(engine)
     small.models, small.default_model = [SMALL, "mobilenet_csq_32"], SMALL
     return small
+
+
+@pytest.fixture(scope="module")
+def results():
+    """The page's result folder, so that tests can look into it."""
+    folder = demo.ResultFolder()
+    yield folder
+    folder.remove()
+
+
+@pytest.fixture(scope="module")
+def small_app(small_engine, results):
+    """The page over ``small_engine`` (built once: the callbacks are called directly, and
+    ``app_url`` launches it)."""
+    return demo.build_demo(small_engine, results)
+
+
+def _callbacks(app) -> dict:
+    return {f.api_name: f.fn for f in app.fns.values() if f.api_name}
 
 
 # ------------------------------------------------------------------ the functions
@@ -165,22 +188,21 @@ def test_no_face_and_bad_inputs_get_clear_errors(engine):
         demo.protect_and_search(engine, flat, "extreme", SMALL)
 
 
-def test_page_callbacks_turn_bad_files_into_readable_errors(small_engine, tmp_path):
+def test_page_callbacks_turn_bad_files_into_readable_errors(small_app, tmp_path):
     import gradio as gr
 
-    app = demo.build_demo(small_engine)
-    protect = next(f.fn for f in app.fns.values() if f.api_name == "protect")
+    protect_fn = _callbacks(small_app)["protect"]
     junk = tmp_path / "holiday.jpg"
     junk.write_bytes(b"this is not a photo")
     with pytest.raises(gr.Error, match="cannot be protected"):
-        protect(str(junk), None, "mid", SMALL, "none", 75, False)
+        protect_fn(str(junk), None, "mid", SMALL, "none", 75, False)
     flat = tmp_path / "wall.png"
     Image.new("RGB", (300, 300), (120, 130, 140)).save(flat)
     with pytest.raises(gr.Error, match="No face was found"):
-        protect(str(flat), None, "mid", SMALL, "none", 75, False)
+        protect_fn(str(flat), None, "mid", SMALL, "none", 75, False)
     with pytest.raises(gr.Error, match="Upload a photo, or pick"):
-        protect(None, None, "mid", SMALL, "none", 75, False)
-    out = protect(None, 0, "mid", SMALL, "JPEG", 80, True)  # the first shipped example, refined
+        protect_fn(None, None, "mid", SMALL, "none", 75, False)
+    out = protect_fn(None, 0, "mid", SMALL, "JPEG", 80, True)  # the first shipped example, refined
     assert len(out) == 8 and len(out[5]) == len(out[6]) == 10 and "top 10" in out[3]
     assert "Time per step" in out[4] and "refined for this photo" in out[4] and Path(out[7]).is_file()
 
@@ -193,15 +215,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(small_engine):
-    app = demo.build_demo(small_engine)
+def app_url(small_app):
     port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               max_file_size=demo.MAX_UPLOAD)
+    small_app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                     max_file_size=demo.MAX_UPLOAD)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
-        app.close()
+        small_app.close()
 
 
 def test_gradio_client_round_trip(app_url):
@@ -215,6 +236,132 @@ def test_gradio_client_round_trip(app_url):
     assert len(before) == len(after) == 10 and "top 10" in verdict and "PSNR" in metrics
     assert Image.open(download).size == Image.open(original).size == (250, 250)
     assert [b["caption"] for b in before] != [a["caption"] for a in after]
+
+
+# ------------------------------------------------------------------ hostile input, load, cleanup (issue 19)
+def test_search_only_refuses_photos_above_the_pixel_cap(engine, small_app, monkeypatch):
+    """Item 8: the plain search decoded a 144-megapixel upload; it must refuse what protect refuses."""
+    import gradio as gr
+
+    monkeypatch.setattr(protect, "MAX_PIXELS", 200 * 200)  # the shipped 250x250 photo is above it
+    with pytest.raises(ProtectError, match="image too large: 250x250"):
+        demo.search_upload(engine, Image.open(PHOTO), SMALL)  # a PIL image (library callers)
+    with pytest.raises(ProtectError, match="image too large: 250x250"):
+        demo.search_upload(engine, PHOTO, SMALL)  # a file
+    with pytest.raises(gr.Error, match="cannot be searched: image too large: 250x250"):
+        _callbacks(small_app)["search_upload"](str(PHOTO), SMALL)
+    with pytest.raises(gr.Error, match="cannot be protected: image too large"):  # the Protect tab agrees
+        _callbacks(small_app)["protect"](str(PHOTO), None, "mid", SMALL, "none", 75, False)
+
+
+BAD_FILES = {"empty.jpg": (b"", "empty file"),
+             "notes.png": (b"my holiday notes, not a photo", "not an image file"),
+             "bomb.png": (_bomb_png(), "decompression bomb")}
+
+
+def test_search_only_gives_the_kits_reason_for_a_bad_file(small_app, tmp_path):
+    """Item 9: the file is read by ``protect.open_photo``, not decoded by Gradio first."""
+    import gradio as gr
+
+    search = _callbacks(small_app)["search_upload"]
+    for name, (content, reason) in BAD_FILES.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(gr.Error) as e:
+            search(str(tmp_path / name), SMALL)
+        message = e.value.message
+        assert message.startswith("This photo cannot be searched: ") and reason in message and "\n" not in message
+
+
+def test_search_only_over_http_says_why_a_file_is_refused(app_url, results, tmp_path):
+    """Item 9 end to end: the client gets the kit's one-line reason, not Gradio's generic error."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url, verbose=False, download_files=False)
+    for name, (content, reason) in BAD_FILES.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(AppError, match=f"cannot be searched: .*{reason}"):
+            client.predict(handle_file(str(tmp_path / name)), SMALL, api_name="/search_upload")
+    shown, gallery, summary = client.predict(handle_file(str(PHOTO)), SMALL, api_name="/search_upload")
+    assert len(gallery) == 10 and "unknown" in summary
+    # served straight from the request's own folder (a static path), not from a copy in Gradio's cache
+    assert Path(shown["path"]).parent.parent == results.path
+
+
+def _served_files(out: tuple) -> list[str]:
+    """The files a protect callback's outputs point to: 3 photos, 2 x 10 gallery images, the download."""
+    return [*out[:3], *(f for f, _ in out[5]), *(f for f, _ in out[6]), out[7]]
+
+
+def test_each_request_serves_new_files_from_its_own_folder(small_app, results):
+    """Item 10's cause: Gradio wrote the page's PIL outputs under a hash of their bytes, so the
+    same photo from two users was rewritten while it was being sent; the page now writes every
+    file it serves into its request's own folder."""
+    protect_fn, search_fn = _callbacks(small_app)["protect"], _callbacks(small_app)["search_shipped"]
+    a, b = (protect_fn(None, 0, "mid", SMALL, "none", 75, False) for _ in range(2))
+    fa, fb = _served_files(a), _served_files(b)
+    assert all(isinstance(f, str) and Path(f).is_file() for f in fa + fb)
+    assert len(fa) == 24 and not set(fa) & set(fb), "no file is shared between two requests"
+    folders = {Path(f).parent for f in fa}, {Path(f).parent for f in fb}
+    assert all(len(d) == 1 and next(iter(d)).parent == results.path for d in folders) and folders[0] != folders[1]
+    shown, gallery, _ = search_fn(3, SMALL)  # the plain search too
+    assert Path(shown).parent.parent == results.path and all(Path(f).parent == Path(shown).parent for f, _ in gallery)
+
+
+def test_the_queue_is_bounded_and_protections_run_one_at_a_time(small_app):
+    """Item 10: parallel users wait in a bounded queue; every event that protects shares one
+    concurrency group (a click, an example, a changed control, the page opening)."""
+    assert small_app._queue.max_size == demo.QUEUE_SIZE
+    protects = [f for f in small_app.fns.values() if "download" in [o.elem_id for o in f.outputs]]
+    assert len(protects) == 8
+    assert all(f.concurrency_id == "protect" and f.concurrency_limit == demo.PROTECT_JOBS == 1 for f in protects)
+
+
+def test_parallel_protect_requests_all_succeed_with_complete_files(app_url, results, tmp_path):
+    """Item 10 under load: 6 users protect the same photo at once (it failed 2 in 6 before)."""
+    from gradio_client import Client, handle_file
+
+    before = len(list(results.path.glob("*/01-protected.jpg")))
+    client = Client(app_url, verbose=False, download_files=str(tmp_path))
+    jobs = [client.submit(handle_file(str(PHOTO)), "mid", SMALL, "facebook", 75, False, api_name="/protect")
+            for _ in range(6)]
+    for out in (job.result(timeout=300) for job in jobs):
+        original, protected, amplified, verdict, metrics, top_before, top_after, download = out
+        assert "top 10" in verdict and len(top_before) == len(top_after) == 10
+        for f in (original, protected, amplified, download, *(g["image"] for g in top_before + top_after)):
+            with Image.open(f) as im:
+                im.load()  # a file cut short while it was sent fails here
+        assert Image.open(download).size == (250, 250)
+    assert len(list(results.path.glob("*/01-protected.jpg"))) == before + 6, "each request wrote its own download"
+
+
+def test_old_results_are_deleted_and_gradio_deletes_old_uploads(small_app, results):
+    """Item 11: a request's folder goes after ``KEEP_RESULTS_S`` (at the next request); the
+    uploads in Gradio's cache after the same time (``delete_cache``)."""
+    assert small_app.delete_cache == (demo.KEEP_RESULTS_S // 6, demo.KEEP_RESULTS_S)
+    old, recent = results.new_request(), results.new_request()
+    (old / "photo-protected.jpg").write_bytes(b"jpeg")
+    past = time.time() - demo.KEEP_RESULTS_S - 60
+    os.utime(old, (past, past))
+    new = results.new_request()
+    assert not old.exists() and recent.is_dir() and new.is_dir()
+    os.utime(recent, (past, past))
+    assert results.prune() == 1 and not recent.exists() and new.is_dir()
+
+
+def test_the_result_folder_is_removed_when_the_process_exits(tmp_path):
+    """Item 11: nothing of the page's is left behind by a process that ends."""
+    code = ("from toap_kit.demo import ResultFolder; f = ResultFolder(); "
+            "(f.new_request() / 'photo-protected.jpg').write_bytes(b'jpeg'); print(f.path)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=Path(demo.__file__).parents[1], check=True)
+    folder = Path(out.stdout.strip())
+    assert folder.parent == tmp_path and folder.name.startswith("toap-demo-") and not folder.exists()
+    folder = demo.ResultFolder()
+    (folder.new_request() / "x.png").write_bytes(b"png")
+    folder.remove()
+    assert not folder.path.exists()
 
 
 def _browser():

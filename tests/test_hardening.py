@@ -2,6 +2,7 @@
 user study found is either handled correctly or refused with a clear error naming the culprit."""
 import json
 import runpy
+import signal
 import sys
 import time
 
@@ -331,8 +332,18 @@ def test_demo_app_launches_without_sharing_and_with_an_upload_limit(monkeypatch)
         def launch(self, **kwargs):
             calls.append(kwargs)
 
+        def close(self):
+            calls.append("closed")
+
     monkeypatch.setattr(demo, "build_demo", lambda: FakeApp())
     monkeypatch.setattr(sys, "argv", ["demo_app.py", "--port", "7999"])
-    runpy.run_path(str(data.DATA_DIR.parent / "demo_app.py"), run_name="__main__")
-    assert calls and calls[0]["share"] is False and calls[0]["server_port"] == 7999
+    on_term = signal.getsignal(signal.SIGTERM)
+    try:
+        runpy.run_path(str(data.DATA_DIR.parent / "demo_app.py"), run_name="__main__")
+        # SIGTERM stops it like Ctrl-C, so that Gradio and the page delete their files (issue 19, item 11)
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
+    assert calls[0]["share"] is False and calls[0]["server_port"] == 7999
     assert calls[0]["max_file_size"] == demo.MAX_UPLOAD == "20mb"
+    assert calls[1:] == ["closed"], "closed once launch returns, so that Gradio deletes its files"

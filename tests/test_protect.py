@@ -1,7 +1,6 @@
-"""``toap protect`` / ``toap verify``: the library (toap_kit.protect), the command (toap_kit.cli)
-and the corpus of bad and odd inputs."""
+"""``toap protect`` / ``toap verify``: one photo (toap_kit.protect), the command (toap_kit.cli)
+and the corpus of bad and odd inputs; files and folders (toap_kit.batch) are tests/test_batch.py."""
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageCms
+from PIL import Image
 
-from toap_kit import cli, data, odd_inputs, protect, verify
+from toap_kit import batch, cli, data, odd_inputs, protect, verify
 from toap_kit.perturbation import Perturbation
 from toap_kit.postprocess import from_pil
 
@@ -147,150 +146,6 @@ def test_exif_rotation_is_applied(photo, pert, tmp_path):
     assert "exif" not in res.image.info
 
 
-# ---------------------------------------------------------------- files
-def _photo_with_metadata(path: Path, photo: Image.Image) -> bytes:
-    exif = Image.Exif()
-    exif[0x013B] = "Jane Doe"
-    exif[0x0112] = 1
-    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 24.0), 3: "E", 4: (2.0, 21.0, 3.0)}
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    photo.save(path, quality=95, exif=exif.tobytes(), icc_profile=icc)
-    return icc
-
-
-def test_gps_stripped_by_default_kept_on_request_icc_kept(photo, pert, tmp_path):
-    src = tmp_path / "in" / "me.jpg"
-    src.parent.mkdir()
-    icc = _photo_with_metadata(src, photo)
-    for keep in (False, True):
-        rows = protect.protect_files([src], tmp_path / f"out{keep}", pert, keep_exif=keep, progress=False)
-        assert rows[0]["status"] == "protected" and rows[0]["format"] == "JPEG"
-        with Image.open(rows[0]["output"]) as out:
-            exif = out.getexif()
-            assert out.info.get("icc_profile") == icc
-            assert bool(exif.get_ifd(0x8825)) == keep and (exif.get(0x013B) == "Jane Doe") == keep
-            assert exif.get(0x0112, 1) == 1
-
-
-def test_formats_names_and_folders_are_kept(photo, pert, tmp_path):
-    src = tmp_path / "album"
-    (src / "trip").mkdir(parents=True)
-    photo.save(src / "a.png")
-    photo.save(src / "trip" / "b.webp", quality=90)
-    photo.save(src / "trip" / "c.tif")
-    photo.convert("L").save(src / "grey.jpg", quality=95)
-    (src / "notes.txt").write_text("not a photo")
-    rows = protect.protect_files([src], tmp_path / "out", pert, progress=False)
-    got = {Path(r["output"]).relative_to(tmp_path / "out").as_posix(): r["format"] for r in rows}
-    assert got == {"a.png": "PNG", "grey.jpg": "JPEG", "trip/b.webp": "WEBP", "trip/c.tif": "TIFF"}
-    with Image.open(tmp_path / "out" / "grey.jpg") as im:
-        assert im.mode == "L"
-    with Image.open(tmp_path / "out" / "a.png") as im:  # lossless: the eps bound holds in the file
-        assert _diff(photo, im).max() <= EPS8
-
-
-def test_outputs_never_overwrite_inputs(photo, pert, tmp_path):
-    photo.save(tmp_path / "me.jpg", quality=95)
-    before = data.sha256_file(tmp_path / "me.jpg")
-    with pytest.raises(protect.ProtectError, match="overwrite the original"):
-        protect.protect_files([tmp_path], tmp_path, pert, progress=False)
-    with pytest.raises(protect.ProtectError, match="overwrite the original"):
-        protect.protect_files([tmp_path / "me.jpg"], tmp_path, pert, progress=False)
-    # an output folder inside the input folder is not scanned as input, twice over
-    rows = protect.protect_files([tmp_path], tmp_path / "protected", pert, progress=False)
-    rows2 = protect.protect_files([tmp_path], tmp_path / "protected", pert, progress=False)
-    assert len(rows) == len(rows2) == 1 and rows2[0]["resumed"]
-    assert data.sha256_file(tmp_path / "me.jpg") == before
-    assert not (tmp_path / "protected" / "protected").exists()
-
-
-def test_rerun_resumes_and_redoes_what_changed(photo, pert, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(3):
-        odd_inputs.shipped_photo(i).save(src / f"p{i}.jpg", quality=95)
-    out = tmp_path / "out"
-    first = protect.protect_files([src], out, pert, progress=False)
-    assert [r["status"] for r in first] == ["protected"] * 3 and not any(r["resumed"] for r in first)
-    n_lines = len(protect.read_manifest(out / protect.MANIFEST))
-    again = protect.protect_files([src], out, pert, progress=False)
-    assert all(r["resumed"] for r in again) and len(protect.read_manifest(out / protect.MANIFEST)) == n_lines
-    odd_inputs.shipped_photo(5).save(src / "p1.jpg", quality=95)  # a changed input is done again
-    (out / "p2.jpg").unlink()  # so is a deleted output
-    third = protect.protect_files([src], out, pert, progress=False)
-    assert [r["resumed"] for r in third] == [True, False, False]
-    stronger = protect.protect_files([src], out, protect.load_perturbation(strength="high"), progress=False)
-    assert [r["resumed"] for r in stronger] == [False] * 3 and stronger[0]["strength"] == "high"
-    row = stronger[0]
-    for key in ("input", "output", "faces", "strength", "perturbation", "perturbation_sha256", "seconds"):
-        assert row[key] is not None
-    assert row["perturbation"] == "toap-high" and len(row["perturbation_sha256"]) == 64
-
-
-def test_a_run_killed_while_writing_leaves_no_half_file(photo, pert, tmp_path, monkeypatch):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(4):
-        odd_inputs.shipped_photo(i).save(src / f"p{i}.jpg", quality=95)
-    out = tmp_path / "out"
-    real_save, calls = protect._save, []
-
-    def dies_on_the_third(img, f, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            f.write(b"\xff\xd8\xff half a JPEG")
-            raise KeyboardInterrupt  # Ctrl-C in the middle of writing
-        real_save(img, f, *args)
-
-    monkeypatch.setattr(protect, "_save", dies_on_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        protect.protect_files([src], out, pert, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["p0.jpg", "p1.jpg", protect.MANIFEST]
-    monkeypatch.setattr(protect, "_save", real_save)
-    # what a SIGKILL during a write leaves: a temporary file and half a manifest line
-    (out / f".p2.jpg{protect.TMP_TAG}4242").write_bytes(b"\xff\xd8 half")
-    with open(out / protect.MANIFEST, "a") as f:
-        f.write('{"input": "p2.jpg", "sta')
-    rows = protect.protect_files([src], out, pert, progress=False)
-    assert [r["resumed"] for r in rows] == [True, True, False, False]
-    assert sorted(p.name for p in out.iterdir()) == [f"p{i}.jpg" for i in range(4)] + [protect.MANIFEST]
-    for r in rows:
-        with Image.open(r["output"]) as im:
-            im.load()
-        assert data.sha256_file(r["output"]) == r["output_sha256"]
-
-
-def test_no_face_skip_or_copy_and_bad_files_do_not_stop_the_batch(photo, pert, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.new("RGB", (300, 200), (120, 120, 120)).save(src / "a_wall.png")
-    (src / "b_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 nothing else")
-    photo.save(src / "c_me.jpg", quality=95)
-    rows = protect.protect_files([src], tmp_path / "skip", pert, progress=False)
-    assert [r["status"] for r in rows] == ["no-face", "error", "protected"]
-    assert rows[1]["error"] and "\n" not in rows[1]["error"] and not rows[1]["crash"]
-    assert not (tmp_path / "skip" / "a_wall.png").exists()
-    rows = protect.protect_files([src], tmp_path / "copy", pert, no_face="copy", progress=False)
-    assert [r["status"] for r in rows] == ["copied", "error", "protected"]
-    with Image.open(tmp_path / "copy" / "a_wall.png") as im:
-        assert _diff(im, Image.new("RGB", (300, 200), (120, 120, 120))).max() == 0
-    text = protect.summarize(rows)
-    assert "1 protected" in text and "1 failed" in text and "b_broken.jpg" in text
-    written = [json.loads(line) for line in (tmp_path / "copy" / protect.MANIFEST).read_text().splitlines()]
-    assert [r["status"] for r in written] == ["copied", "error", "protected"]
-
-
-def test_jpeg_quality_is_measured_default_and_lower_warns(photo, pert, tmp_path, caplog):
-    photo.save(tmp_path / "me.jpg", quality=95)
-    rows = protect.protect_files([tmp_path / "me.jpg"], tmp_path / "out95", pert, progress=False)
-    assert rows[0]["settings"]["jpeg_quality"] == protect.DEFAULT_JPEG_QUALITY == 95
-    with caplog.at_level(logging.WARNING):
-        protect.protect_files([tmp_path / "me.jpg"], tmp_path / "out80", pert, jpeg_quality=80, progress=False)
-    assert "below 95" in caplog.text
-    with pytest.raises(protect.ProtectError, match="1..100"):
-        protect.protect_files([tmp_path / "me.jpg"], tmp_path / "x", pert, jpeg_quality=101, progress=False)
-
-
 # ---------------------------------------------------------------- the command
 def test_cli_protect_exit_codes_and_one_line_errors(photo, tmp_path, capsys):
     src = tmp_path / "in"
@@ -302,7 +157,7 @@ def test_cli_protect_exit_codes_and_one_line_errors(photo, tmp_path, capsys):
     assert (tmp_path / "out" / "me.jpg").is_file()
     # -d/--directory as in Fawkes
     assert cli.main(["protect", "-d", str(src), "-o", str(tmp_path / "out2"), "-q"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["me.jpg", protect.MANIFEST]
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["me.jpg", batch.MANIFEST]
     # runtime problems: exit 1, one line on stderr, no traceback
     for argv in (["protect", str(src), "-o", str(src)],
                  ["protect", str(src), "-o", str(src / "me.jpg")],
@@ -386,13 +241,19 @@ def test_odd_inputs_corpus(tmp_path):
     r = odd_inputs.run_odd_inputs(tmp_path)
     bad = [c for c in r["cases"] if c["outcome"] not in ("clear_error", "correct")]
     assert not bad, bad
-    assert r["files"] >= 40 and r["crashes"] == 0 and r["originals_modified"] == 0 and r["unexpected"] == 0
-    assert r["clear_errors"] + r["correct_results"] == r["files"]
+    assert r["files"] >= 65 and r["clear_errors"] + r["correct_results"] == r["files"]
+    assert r["crashes"] == r["hangs"] == r["silently_wrong"] == r["unexpected"] == r["originals_modified"] == 0
     outcome = {c["case"]: c["outcome"] for c in r["cases"]}
     for name in ("empty file", "truncated JPEG", "random bytes named .jpg", "decompression-bomb header",
-                 "animated GIF", "missing path", "output folder = input folder"):
+                 "animated GIF", "missing path", "output folder = input folder", "FIFO given as the input file",
+                 "loop of links named .jpg", "manifest is a FIFO"):
         assert outcome[name] == "clear_error", name
-    for name in ("PNG named .jpg", "CMYK JPEG", "16-bit greyscale PNG", "palette PNG with transparency", "RGBA PNG",
-                 "EXIF-rotated JPEG", "WebP", "TIFF", "many faces (2x2 collage)", "batch killed half-way and rerun",
-                 "output folder inside the input folder, run twice"):
+    for name in ("PNG named .jpg", "CMYK JPEG", "16-bit greyscale PNG", "16-bit RGB PNG", "16-bit RGBA PNG",
+                 "palette PNG with transparency", "RGBA PNG", "EXIF-rotated JPEG", "WebP", "TIFF",
+                 "many faces (2x2 collage)", "batch killed half-way and rerun",
+                 "output folder inside the input folder, run twice", "FIFO inside a folder",
+                 "photo path too long for the system", "folder path too long to list",
+                 "output folder moved, then rerun",
+                 "same folders typed two ways (relative, then absolute)", "two concurrent runs on one output folder",
+                 "manifest of random bytes", "manifest of a line 42"):
         assert outcome[name] == "correct", name

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from toap_kit import cli, config, postprocess, protect, refine, toap, zoo
+from toap_kit import batch, cli, config, postprocess, protect, refine, toap, zoo
 from toap_kit.data import DATA_DIR, load_faceset, make_protocol
 from toap_kit.perturbation import feather_mask
 from toap_kit.recognizer import RecognizerHash
@@ -164,7 +164,7 @@ def test_cli_refine_writes_resumes_and_records_its_steps(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["protect", str(src), "-o", str(out), "--refine", "2", "--no-progress"]) == 0
     assert "refined for 2 steps" in capsys.readouterr().out
-    row = json.loads((out / protect.MANIFEST).read_text().splitlines()[-1])
+    row = json.loads((out / batch.MANIFEST).read_text().splitlines()[-1])
     assert row["status"] == "protected" and row["settings"]["refine_steps"] == 2
     assert cli.main(["protect", str(src), "-o", str(out), "--refine", "2", "--no-progress"]) == 0
     assert "already done by an earlier run" in capsys.readouterr().out

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import attacks, cg, evaluate, postprocess, results, retrieval, teacher, zoo
+from . import attacks, cg, evaluate, postprocess, report, results, retrieval, teacher, zoo
 from .config import OUTPUT_DIR
 from .data import load_faceset, make_protocol, retrieval_sets
 from .hashing import ITQ
 from .perturbation import Perturbation
 
-__all__ = ["bench_attacks", "bench_cg", "bench_index", "bench_models", "bench_protect", "bench_retrieval",
-           "bench_teacher", "bench_toap", "main"]
+__all__ = ["bench_attacks", "bench_cg", "bench_demo_load", "bench_index", "bench_models", "bench_protect",
+           "bench_retrieval", "bench_teacher", "bench_toap", "main"]
 
 
 def _metrics(q_codes, db_codes, sets, ties: str = "expected") -> retrieval.RetrievalResult:
@@ -215,21 +215,23 @@ def _print_cg(r: dict) -> None:
 
 
 def bench_toap(parts: list[str] | None = None) -> dict:
-    """TOAP's results (``toap_kit.results.run``, all ``results.PARTS`` or ``parts``), written to
-    ``results/`` (or, in fast mode, ``TOAP_FAST=1``, to ``outputs/results-fast/`` so a smoke run
-    never replaces them); a full run also writes the cards' headline numbers and the README's
-    generated block (``results.update_readme``)."""
+    """TOAP's results (``toap_kit.results.run``, all ``results.PARTS`` or ``parts``) and their
+    tables (``report.write_markdown``), written to ``results/`` (or, in fast mode, ``TOAP_FAST=1``,
+    to ``outputs/results-fast/`` so a smoke run never replaces them); a full run also writes the
+    cards' headline numbers and the README's generated blocks (``report.update_readme``)."""
     torch.set_grad_enabled(True)
     r = results.run(parts=parts or results.PARTS)
-    results.write(r, OUTPUT_DIR / "results-fast" if r["fast"] else results.RESULTS_DIR)
+    folder = OUTPUT_DIR / "results-fast" if r["fast"] else results.RESULTS_DIR
+    results.write(r, folder)
+    report.write_markdown(r, folder)
     if not r["fast"] and "grid" in r["parts"]:
         results.annotate_cards(r)
-        results.update_readme(r)
+        report.update_readme(r)
     return r
 
 
 def _print_toap(r: dict) -> None:
-    print(results.markdown(r))
+    print(report.markdown(r))
 
 
 def _median_ms(fn, n: int) -> float:
@@ -254,6 +256,146 @@ def _photo(i: int, width: int, height: int):
     return canvas
 
 
+DEMO_APP = Path(__file__).resolve().parent.parent / "demo_app.py"
+
+
+def _tree_rss(proc) -> int:
+    """Resident bytes of a ``psutil.Process`` and all its descendants (0 for one that is gone)."""
+    import psutil
+
+    total = 0
+    try:
+        members = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in members:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def bench_demo_load(requests: int = 20, photo: str | Path | None = None, start_timeout_s: float = 600,
+                    request_timeout_s: float = 1800) -> dict:
+    """``requests`` users press *Protect and search* at once on ``demo_app.py``.
+
+    The app runs as a child process on a free 127.0.0.1 port with a fresh ``TMPDIR`` (so its
+    result folder, Gradio's cache and the uploads all land in one folder); once it answers,
+    ``requests`` parallel ``/protect`` calls go through ``gradio_client`` with the page's
+    default settings (strength mid, refined for the photo, ``engine.DEFAULT_ENGINE``, upload
+    facebook, quality 75) and a shipped photo (default ``George_W_Bush/01.jpg``), each
+    downloading every file the page returns. Then the app is stopped with SIGTERM.
+
+    Returns:
+        ``requests``, ``failed`` (``errors``: their distinct messages); latency from submit to
+        files downloaded: ``min_s``, ``p50_s``, ``p95_s``, ``max_s``; ``idle_rss_mb`` (before
+        the load) and ``peak_rss_mb`` of the server's process tree (sampled every 0.2 s, and the
+        main process's own high-water mark); ``leftover_files`` in its ``TMPDIR`` after it
+        stopped (``leftover_where``: per top folder).
+    """
+    import signal
+    import socket
+    import threading
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+    from gradio_client import Client, handle_file
+
+    from .data import DATA_DIR
+    from .engine import DEFAULT_ENGINE
+
+    if not DEMO_APP.is_file():
+        raise FileNotFoundError(f"{DEMO_APP} not found: the demo load test runs from a clone of the kit")
+    photo = Path(photo) if photo else DATA_DIR / "photos250" / "George_W_Bush" / "01.jpg"
+    with tempfile.TemporaryDirectory(prefix="toap-bench-demo-") as tmp:
+        tmp = Path(tmp)
+        server_tmp, client_tmp = tmp / "server", tmp / "client"
+        server_tmp.mkdir()
+        client_tmp.mkdir()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "TMPDIR": str(server_tmp), "GRADIO_ANALYTICS_ENABLED": "False"}
+        env.pop("GRADIO_TEMP_DIR", None)
+        url = f"http://127.0.0.1:{port}/"
+        with open(tmp / "server.log", "wb") as log_file:
+            server = subprocess.Popen([sys.executable, str(DEMO_APP), "--port", str(port)], cwd=DEMO_APP.parent,
+                                      env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    why = "timeout" if server.returncode is None else f"exit status {server.returncode}"
+                    tail = (tmp / "server.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"demo_app.py did not answer on {url} ({why}):\n{tail}")
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.5)
+            proc = psutil.Process(server.pid)
+            idle = _tree_rss(proc)
+            peak, done = [idle], threading.Event()
+
+            def sample() -> None:
+                while not done.wait(0.2):
+                    peak.append(_tree_rss(proc))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            client = Client(url, verbose=False, download_files=str(client_tmp))
+
+            def one(_) -> tuple[float, str | None]:
+                t = time.perf_counter()
+                try:
+                    client.predict(handle_file(str(photo)), "mid", DEFAULT_ENGINE, "facebook", 75, True,
+                                   api_name="/protect")
+                    return time.perf_counter() - t, None
+                except Exception as e:  # noqa: BLE001 - a failed request is what this counts
+                    return time.perf_counter() - t, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+            # gradio_client leaves an empty folder in the temporary folder for each file it
+            # downloads: keep them in ours
+            tempdir, tempfile.tempdir = tempfile.tempdir, str(client_tmp)
+            try:
+                with ThreadPoolExecutor(max_workers=requests) as pool:
+                    runs = list(pool.map(one, range(requests), timeout=request_timeout_s))
+            finally:
+                tempfile.tempdir = tempdir
+            done.set()
+            sampler.join()
+            try:  # Linux: the main process's own peak, between two samples included
+                hwm = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{server.pid}/status").read_text()
+                           .splitlines() if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                hwm = 0
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)  # demo_app.py stops as on Ctrl-C: it deletes its files
+                try:
+                    server.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+        left = [f for f in server_tmp.rglob("*") if f.is_file()]
+        where: dict[str, int] = {}
+        for f in left:
+            top = f.relative_to(server_tmp).parts[0]
+            top = "toap-demo-*" if top.startswith("toap-demo-") else top
+            where[top] = where.get(top, 0) + 1
+    seconds = np.array([t for t, _ in runs])
+    errors = [e for _, e in runs if e]
+    return {"requests": requests, "failed": len(errors), "errors": sorted(set(errors)),
+            "engine": DEFAULT_ENGINE, "stopped_with": server.returncode,
+            "min_s": float(seconds.min()), "p50_s": float(np.percentile(seconds, 50)),
+            "p95_s": float(np.percentile(seconds, 95)), "max_s": float(seconds.max()),
+            "idle_rss_mb": idle / 2**20, "peak_rss_mb": max(max(peak), hwm) / 2**20,
+            "leftover_files": len(left), "leftover_where": where}
+
+
 def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, folder_size: tuple = (1600, 1200)) -> dict:
     """``toap protect`` and ``toap verify`` on this machine (toap-mid), and the odd-input corpus.
 
@@ -270,11 +412,12 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
       median of 3 in one process (``verify_first_call_s``: ``toap verify --json`` in a fresh
       process, imports and model loading included; the database codes are shipped);
       ``verify_12mp_ms`` the same on the 12-megapixel photo;
-    - ``bad_inputs``: ``odd_inputs.run_odd_inputs`` (counts; each case in ``bad_input_cases``).
+    - ``bad_inputs``: ``odd_inputs.run_odd_inputs`` (counts; each case in ``bad_input_cases``);
+    - ``demo_load``: ``bench_demo_load()``, 20 users protecting a photo at once on the demo.
     """
     from PIL import Image
 
-    from . import odd_inputs, protect, verify
+    from . import batch, odd_inputs, protect, verify
 
     torch.set_grad_enabled(False)
     p = protect.load_perturbation()
@@ -298,14 +441,14 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
         (tmp / "one").mkdir()
         big.save(tmp / "one" / "big.jpg", quality=92)
         runs = iter(range(n_photo))
-        out["photo_12mp_file_ms"] = _median_ms(lambda: protect.protect_files(
+        out["photo_12mp_file_ms"] = _median_ms(lambda: batch.protect_files(
             [tmp / "one" / "big.jpg"], tmp / f"one-out{next(runs)}", p, progress=False), n_photo)
         folder = tmp / "folder"
         folder.mkdir()
         for i in range(n_folder):
             _photo(i % 23, *folder_size).save(folder / f"photo{i:03d}.jpg", quality=90)
         t = time.perf_counter()
-        rows = protect.protect_files([folder], tmp / "folder-out", p, progress=True)
+        rows = batch.protect_files([folder], tmp / "folder-out", p, progress=True)
         out["folder_100_s"] = time.perf_counter() - t
         out["folder_photos"], out["folder_photo_size"] = len(rows), list(folder_size)
         out["folder_protected"] = sum(r["status"] == "protected" for r in rows)
@@ -323,9 +466,10 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
         big_protected = protect.protect_image(big, p).image
         out["verify_12mp_ms"] = _median_ms(lambda: verify.verify(big, big_protected, perturbation=p), 3)
         bad = odd_inputs.run_odd_inputs(tmp / "corpus", p)
-    out["bad_inputs"] = {k: bad[k] for k in ("files", "clear_errors", "correct_results", "crashes",
-                                             "originals_modified", "unexpected")}
+    out["bad_inputs"] = {k: bad[k] for k in ("files", "clear_errors", "correct_results", "crashes", "hangs",
+                                             "silently_wrong", "unexpected", "originals_modified")}
     out["bad_input_cases"] = bad["cases"]
+    out["demo_load"] = bench_demo_load()
     return out
 
 
@@ -348,10 +492,17 @@ def _print_protect(r: dict) -> None:
     print(f"| verify, first call: `toap verify --json` in a fresh process | {r['verify_first_call_s']:.1f} s | < 30 s |")
     b = r["bad_inputs"]
     print(f"\nbad or odd inputs: {b['files']} cases, {b['clear_errors']} clear errors, {b['correct_results']} "
-          f"correct results, {b['crashes']} crashes, {b['unexpected']} unexpected, "
-          f"{b['originals_modified']} originals modified")
+          f"correct results, {b['crashes']} crashes, {b['hangs']} hangs, {b['silently_wrong']} silently wrong, "
+          f"{b['unexpected']} unexpected, {b['originals_modified']} originals modified")
     for c in r["bad_input_cases"]:
-        print(f"  {c['outcome']:12} {c['case']}: {c['detail'][:100]}")
+        print(f"  {c['outcome']:14} {c['case']}: {c['detail'][:100]}")
+    d = r["demo_load"]
+    print(f"\nthe demo under load: {d['requests']} users press Protect and search at once (refined, {d['engine']}, "
+          f"facebook): {d['failed']} failed; latency p50 {d['p50_s']:.1f} s, p95 {d['p95_s']:.1f} s, max "
+          f"{d['max_s']:.1f} s; server memory {d['idle_rss_mb']:.0f} MB idle, {d['peak_rss_mb']:.0f} MB at peak; "
+          f"{d['leftover_files']} files left after it stopped {d['leftover_where'] or ''}")
+    for e in d["errors"]:
+        print(f"  {e}")
 
 
 BENCHES = {"retrieval": (bench_retrieval, _print_retrieval), "attacks": (bench_attacks, _print_attacks),

@@ -8,13 +8,14 @@
 ``protect`` writes protected copies under OUTDIR keeping names and formats (JPEG at quality 95,
 the quality the kit measured to keep the protection), strips GPS and other EXIF (``--keep-exif``
 keeps it), keeps the colour profile, and records every photo in ``OUTDIR/toap-manifest.jsonl``;
-a rerun skips the photos already done. ``-m/--mode`` and ``-d/--directory`` mean what they
-mean in Fawkes. ``verify`` reports, per search engine of the kit's zoo (with its threat tier),
-the Hamming distance between the two faces' codes and whether the engine still returns the
-person in its top 10, in both threat settings, then one verdict line.
+a rerun skips the photos already done (also after OUTDIR was moved), and a second run on an
+OUTDIR another one is writing to is refused (``toap_kit.batch``). ``-m/--mode`` and
+``-d/--directory`` mean what they mean in Fawkes. ``verify`` reports, per search engine of the
+kit's zoo (with its threat tier), the Hamming distance between the two faces' codes and whether
+the engine still returns the person in its top 10, in both threat settings, then one verdict line.
 
 Exit codes: 0 done; 1 a runtime problem (one line on stderr; ``--debug`` shows the traceback)
-or, for ``protect``, at least one photo failed (listed in the summary and the manifest);
+or, for ``protect``, at least one path failed (listed in the summary and the manifest);
 2 bad arguments.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import protect, verify
+from . import batch, protect, verify
+from .data import sha256_file
 
 __all__ = ["main"]
 
@@ -94,7 +96,8 @@ def protect_help() -> str:
     return ("Protect every face in photos with a shipped universal perturbation, at full resolution. "
             "Outputs keep names and formats; GPS and other EXIF are removed unless --keep-exif; "
             f"JPEG is written at quality {protect.DEFAULT_JPEG_QUALITY}. A manifest "
-            f"({protect.MANIFEST}) lists every photo; a rerun resumes.")
+            f"({batch.MANIFEST}) lists every photo; a rerun resumes, also in a moved output folder; "
+            "a second run on the same output folder is refused while one is writing.")
 
 
 def verify_help() -> str:
@@ -120,30 +123,36 @@ def _cmd_protect(args: argparse.Namespace) -> int:
         from .refine import DEFAULT_STEPS
 
         steps = DEFAULT_STEPS
-    rows = protect.protect_files(inputs, args.output, p, detect=not args.no_detect, no_face=args.no_face,
-                                 jpeg_quality=args.jpeg_quality, keep_exif=args.keep_exif,
-                                 progress=not (args.no_progress or args.quiet), refine_steps=steps)
+    rows = batch.protect_files(inputs, args.output, p, detect=not args.no_detect, no_face=args.no_face,
+                               jpeg_quality=args.jpeg_quality, keep_exif=args.keep_exif,
+                               progress=not (args.no_progress or args.quiet), refine_steps=steps)
     failed = sum(r["status"] == "error" for r in rows)
     if not args.quiet:
-        info = protect._perturbation_info(p)
+        info = batch._perturbation_info(p)
         how = f", each face refined for {steps} steps against dlib's network" if steps else ""
         print(f"perturbation {info['perturbation']} (eps {info['eps_255']:g}/255, sha256 "
-              f"{info['perturbation_sha256'][:12]}){how}; manifest {Path(args.output) / protect.MANIFEST}")
-        print(protect.summarize(rows, args.output))
+              f"{info['perturbation_sha256'][:12]}){how}; manifest {Path(args.output) / batch.MANIFEST}")
+        print(batch.summarize(rows, args.output))
     return 1 if failed else 0
 
 
 def _perturbation_for(path: Path) -> str | None:
-    """The perturbation named in a ``toap protect`` manifest for the file ``path`` (matched by
-    sha256 in the manifests of its folder and up to three folders above), or None."""
+    """The perturbation named in a ``toap protect`` manifest for the file ``path``, or None: the
+    finished row whose output sha256 is the file's, in the manifests of its folder and up to three
+    folders above (by content, so a moved output folder or a renamed copy is found too; an
+    unreadable or damaged manifest is passed over)."""
     try:
-        sha = protect.sha256_file(path)
+        sha = sha256_file(path)
     except OSError:
         return None
     folder = path.resolve().parent
     for d in [folder, *list(folder.parents)[:3]]:
-        for row in protect.read_manifest(d / protect.MANIFEST):
-            if row.get("output_sha256") == sha and row.get("perturbation"):
+        try:
+            rows = batch.read_manifest(d / batch.MANIFEST)
+        except protect.ProtectError:
+            continue
+        for row in rows:
+            if row.get("output_sha256") == sha and isinstance(row.get("perturbation"), str):
                 return row["perturbation"]
     return None
 

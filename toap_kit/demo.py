@@ -4,7 +4,7 @@ before and after.
 The engine's database is the open-set protocol's database (the evaluation identities' photos
 plus 2,000 distractors): people no shipped model, Compression Generator or perturbation ever
 saw. The page (``build_demo``) opens on the first shipped example with both result galleries
-filled, and its intro states the measured per-photo result (``results.per_photo_sentence`` of
+filled, and its intro states the measured per-photo result (``report.per_photo_sentence`` of
 the shipped ``results/toap.json``).
 
 Plain functions, tested without a browser:
@@ -17,17 +17,24 @@ Plain functions, tested without a browser:
   default); pass the protected
   photo through a simulated upload (``postprocess.apply``: ``"none"``, ``"jpeg:75"`` or a
   platform profile); crop its face again and search. Returns a ``DemoResult``.
-- ``search_shipped`` / ``search_upload``: the plain search of the "Search only" tab.
+- ``search_shipped`` / ``search_upload``: the plain search of the "Search only" tab
+  (``search_upload`` takes a file, read by the kit's checked loader ``protect.open_photo``).
 
-``build_demo()`` only wires these to Gradio widgets; ``demo_app.py`` launches it.
+``build_demo()`` only wires these to Gradio widgets; ``demo_app.py`` launches it. Under load:
+the page's jobs wait in a bounded queue (``QUEUE_SIZE``), one protection at a time
+(``PROTECT_JOBS``); every file the page serves is written once into its request's own folder
+(``ResultFolder``) and served from there, deleted after ``KEEP_RESULTS_S`` (the uploads in
+Gradio's cache too: ``delete_cache``) and all of it when the server stops.
 """
 
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -36,39 +43,40 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import postprocess, refine as refine_module
+from . import postprocess, protect as protect_module, refine as refine_module
 from .data import crop_face
 from .engine import DEFAULT_ENGINE, DISPLAY, Engine, SearchResult
 from .evaluate import ssim as ssim_of
 from .odd_inputs import shipped_photos
 from .perturbation import Perturbation
 from .postprocess import from_pil, to_pil
-from .protect import (DEFAULT_JPEG_QUALITY, MAX_PIXELS, STRENGTHS, TMP_TAG, ProtectError, _upright, face_crop,
+from .protect import (DEFAULT_JPEG_QUALITY, STRENGTHS, TMP_TAG, ProtectError, _upright, face_crop,
                       load_perturbation, open_photo, protect_image)
-from .toap import DLIB_DESCRIPTOR, threat_tier
+from .toap import DLIB_DESCRIPTOR, TIER_WORDS, threat_tier
 
-__all__ = ["DemoResult", "Example", "MAX_UPLOAD", "TIER_WORDS",
-           "build_demo", "engine_label", "examples", "example_photo", "protect_and_search", "save_protected",
-           "search_shipped", "search_upload", "upload_spec"]
+__all__ = ["DemoResult", "Example", "KEEP_RESULTS_S", "MAX_UPLOAD", "PROTECT_JOBS", "QUEUE_SIZE", "ResultFolder",
+           "build_demo", "engine_label", "examples", "example_photo", "protect_and_search",
+           "save_protected", "search_shipped", "search_upload", "upload_spec"]
 
 UPLOAD_MAX_SIDE = 2000  # the plain search shrinks uploads to this long side first (12 MP: 0.8 s, not 2 s)
 SHOW_SIDE = 512  # long side of the photos the page shows (the download keeps the full resolution)
 MAX_UPLOAD = "20mb"  # Gradio's max_file_size at launch (demo_app.py)
+KEEP_RESULTS_S = 3600
+"""Seconds the page keeps a request's files (its results, and the uploads in Gradio's cache); all
+are deleted when the server stops."""
+PROTECT_JOBS = 1
+"""Protections running at once. One: torch already spreads one job over every core (2 on the
+machine the kit targets), so a second in parallel finishes no sooner, and it doubles the peak
+memory (a photo near ``protect.MAX_PIXELS`` takes GBs)."""
+QUEUE_SIZE = 32
+"""Jobs the page's queue holds; beyond it a user is told the queue is full. At 1 to 3 s a refined
+protection on 2 cores, the last waits about a minute."""
 NO_FACE = "No face was detected: the centre of the photo was used."
 NO_FACE_PROTECT = ("No face was found in this photo, so there is nothing to protect. The detector finds "
                    "faces seen from the front, about 40 pixels wide or more (on a photo larger than "
                    "500 pixels: about 8% of its long side or more).")
 UPLOADS = ("none", "JPEG", *postprocess.profiles())
 """Choices of the "simulate upload" control: nothing, JPEG at the slider's quality, each platform."""
-TIER_WORDS = {
-    "whitebox": "white-box: the protector was made on this very engine",
-    "cnn-blackbox": "never seen: the protector used small CNNs only",
-    "engine-blackbox": "never seen, nor dlib's network",
-    "engine-known-backbone": "protector used dlib's network, not this engine's hash layer",
-    "cnn-teacher-known": "protector used dlib's network, this CNN's teacher",
-}
-"""What the protector knew about an engine, in words, per ``toap.threat_tier``."""
-
 log = logging.getLogger(__name__)
 
 
@@ -168,7 +176,8 @@ def _recognizer() -> refine_module.KnownRecognizer:
 
 def measured_sentence() -> str:
     """The per-photo result the intro states, read from the shipped results (``make results``)."""
-    from .results import RESULTS_DIR, per_photo_sentence
+    from .report import per_photo_sentence
+    from .results import RESULTS_DIR
 
     try:
         return per_photo_sentence(json.loads((RESULTS_DIR / "toap.json").read_text()), DEFAULT_ENGINE)
@@ -185,7 +194,7 @@ def engine_label(engine_name: str, strength: str = "mid", refine: bool = False) 
     """Dropdown label: the engine with its threat tier for ``strength``'s perturbation (or the
     refinement), e.g. ``"dlib_itq_32 — engine-known-backbone (protector used dlib's network, ...)"``."""
     tier = _tier(engine_name, strength, refine)
-    return f"{engine_name} — {tier} ({TIER_WORDS.get(tier, tier)})"
+    return f"{engine_name} — {tier} ({TIER_WORDS[tier]})"
 
 
 def upload_spec(choice: str, quality: float = 75) -> str:
@@ -201,12 +210,14 @@ def upload_spec(choice: str, quality: float = 75) -> str:
 
 
 def _upright_rgb(photo: Image.Image) -> Image.Image:
-    """``photo`` upright (EXIF orientation applied) in RGB; refuses what cannot hold a face."""
+    """``photo`` upright (EXIF orientation applied) in RGB; refuses what cannot hold a face and
+    photos above ``protect.MAX_PIXELS``."""
     if not isinstance(photo, Image.Image):
         raise ValueError(f"expected a PIL image, got {type(photo).__name__}")
     w, h = photo.size
-    if w * h > MAX_PIXELS:
-        raise ProtectError(f"image too large: {w}x{h} (limit {MAX_PIXELS / 1e6:.0f} megapixels)")
+    limit = protect_module.MAX_PIXELS
+    if w * h > limit:
+        raise ProtectError(f"image too large: {w}x{h} (limit {limit / 1e6:.0f} megapixels)")
     if min(w, h) < 16:
         raise ProtectError(f"photo too small to hold a face: {w}x{h} pixels")
     return _upright(photo, []).convert("RGB")  # a broken EXIF block: pixels kept as stored
@@ -383,18 +394,21 @@ def search_shipped(engine: Engine, n: int, model_name: str):
     return to_pil(image), _gallery(engine, res), _summary(res, name, model_name)
 
 
-def search_upload(engine: Engine, photo: Image.Image | None, model_name: str):
-    """Callback: an uploaded photo (turned upright by its EXIF orientation, shrunk to a long
-    side of ``UPLOAD_MAX_SIDE``, face detected and cropped) -> (crop, gallery, summary).
+def search_upload(engine: Engine, photo: str | Path | Image.Image | None, model_name: str):
+    """Callback: an uploaded photo, a file (read by ``protect.open_photo``) or a PIL image
+    (turned upright by its EXIF orientation, shrunk to a long side of ``UPLOAD_MAX_SIDE``, face
+    detected and cropped) -> (crop, gallery, summary).
 
     Raises:
-        ValueError: no photo, or not a PIL image.
+        ProtectError: a file that is empty, not an image, truncated, animated, ...; a photo above
+            ``protect.MAX_PIXELS`` or too small to hold a face (one line: why).
+        ValueError: no photo, or neither a file path nor a PIL image.
     """
     if photo is None:
         raise ValueError("no photo: upload a photo with a face first")
-    if not isinstance(photo, Image.Image):
-        raise ValueError(f"expected a PIL image, got {type(photo).__name__}")
-    photo = _upright(photo, []).convert("RGB")
+    if isinstance(photo, (str, Path)):
+        photo, _ = open_photo(photo)
+    photo = _upright_rgb(photo)
     if max(photo.size) > UPLOAD_MAX_SIDE:
         r = UPLOAD_MAX_SIDE / max(photo.size)
         photo = photo.resize((max(1, round(photo.width * r)), max(1, round(photo.height * r))),
@@ -406,6 +420,55 @@ def search_upload(engine: Engine, photo: Image.Image | None, model_name: str):
 
 
 # ---------------------------------------------------------------- the page
+class ResultFolder:
+    """The page's own temporary folder (``toap-demo-*``; ``build_demo`` has Gradio serve its
+    files as they are, no copy in Gradio's cache). Each request writes its files into a new
+    subfolder (``new_request``), so no file the page serves is ever rewritten while it is being
+    sent; request folders older than ``KEEP_RESULTS_S`` are deleted at each new request, and the
+    whole folder when this object is garbage-collected or the process exits."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="toap-demo-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+    def new_request(self) -> Path:
+        """A new, empty folder for one request's files (old requests' folders are pruned first)."""
+        self.prune()
+        return Path(tempfile.mkdtemp(prefix="request-", dir=self.path))
+
+    def prune(self, max_age_s: float = KEEP_RESULTS_S) -> int:
+        """Delete the request folders last written more than ``max_age_s`` seconds ago; returns
+        how many."""
+        cutoff, n = time.time() - max_age_s, 0
+        for d in list(self.path.glob("request-*")):
+            try:
+                if d.stat().st_mtime < cutoff:
+                    shutil.rmtree(d)
+                    n += 1
+            except FileNotFoundError:  # another request pruned it first
+                continue
+        return n
+
+    def remove(self) -> None:
+        """Delete the whole folder now (it is also deleted at exit)."""
+        self._finalizer()
+
+
+def _file(image: Image.Image, folder: Path, name: str, fmt: str = "png") -> str:
+    """Write ``image`` as ``folder/name.fmt`` (a new file, in a request's own folder) and return
+    its path: Gradio serves it as it is. (Given the image itself, Gradio would write it under a
+    hash of its bytes, a file that a concurrent request for the same photo rewrites while it
+    is being sent.)"""
+    path = folder / f"{name}.{fmt}"
+    image.save(path, fmt.upper())
+    return str(path)
+
+
+def _gallery_files(gallery: list[tuple[Image.Image, str]], folder: Path, name: str) -> list[tuple[str, str]]:
+    """``gallery`` with each image written by ``_file`` (WebP, as Gradio's galleries show them)."""
+    return [(_file(im, folder, f"{name}-{i:02d}", "webp"), caption) for i, (im, caption) in enumerate(gallery)]
+
+
 def _shown(image: Image.Image, side: int = SHOW_SIDE) -> Image.Image:
     """A copy of ``image`` whose long side is at most ``side`` (for the page only)."""
     if max(image.size) <= side:
@@ -429,12 +492,15 @@ def _metrics(res: DemoResult) -> str:
     return "\n\n".join(lines)
 
 
-def build_demo(engine: Engine | None = None):
-    """The Gradio Blocks of the demo (``demo_app.py`` launches it), opening on the first example.
+def build_demo(engine: Engine | None = None, results: ResultFolder | None = None):
+    """The Gradio Blocks of the demo (``demo_app.py`` launches it), opening on the first example,
+    with its queue set (``QUEUE_SIZE``, ``PROTECT_JOBS``).
 
     Args:
         engine: the search engine (default: ``Engine()``, every zoo model); only its
             ``default_model`` is loaded before the page opens.
+        results: where each request writes the files it serves (default: a new
+            ``ResultFolder``, deleted with the page or at exit).
     """
     import gradio as gr
 
@@ -442,18 +508,24 @@ def build_demo(engine: Engine | None = None):
     log.info("loading the database codes of %s (the page's first search then answers at once)", engine.default_model)
     engine._model_and_index(engine.default_model)
     exs = examples(engine)
-    thumbs = [(example_photo(engine, e).resize((96, 96), Image.BICUBIC), e.label) for e in exs]
-    out_dir = Path(tempfile.mkdtemp(prefix="toap-demo-"))
+    results = results or ResultFolder()
+    gr.set_static_paths([results.path])  # served from there, never copied into Gradio's cache
+    (results.path / "examples").mkdir(exist_ok=True)
+    thumbs = [(_file(example_photo(engine, e).resize((96, 96), Image.BICUBIC), results.path / "examples",
+                     f"{i:03d}", "webp"), e.label) for i, e in enumerate(exs)]
 
     def engine_choices(strength: str, refine: bool = True) -> list[tuple[str, str]]:
         return [(engine_label(m, strength, refine), m) for m in engine.models]
 
     def outputs(res: DemoResult, stem: str) -> tuple:
-        dst = save_protected(res.protected, Path(tempfile.mkdtemp(dir=out_dir)), stem)
+        folder = results.new_request()
+        dst = save_protected(res.protected, folder, stem)
         mark = "✘" if res.found else ("✔" if res.hits_before else "·")  # ✔: the protection took the person out
         verdict = f"### {mark} {res.verdict}"
-        return (_shown(res.original), _shown(res.protected), _shown(res.amplified), verdict, _metrics(res),
-                _gallery(engine, res.before), _gallery(engine, res.after), str(dst))
+        return (_file(_shown(res.original), folder, "original"), _file(_shown(res.protected), folder, "protected"),
+                _file(_shown(res.amplified), folder, "change"), verdict, _metrics(res),
+                _gallery_files(_gallery(engine, res.before), folder, "before"),
+                _gallery_files(_gallery(engine, res.after), folder, "after"), str(dst))
 
     def run(path, ex_index, strength: str, engine_name: str, upload: str, quality: float, refine: bool,
             progress=gr.Progress(track_tqdm=True)) -> tuple:
@@ -489,26 +561,34 @@ def build_demo(engine: Engine | None = None):
                 *run(path, ex_index, strength, engine_name, upload, quality, refine))
 
     # the plain search tab (no protection)
+    def searched(query: Image.Image, gallery: list, summary: str) -> tuple:
+        folder = results.new_request()
+        return _file(query, folder, "query"), _gallery_files(gallery, folder, "result"), summary
+
     def run_shipped(n: int, model_name: str):
         try:
-            return search_shipped(engine, n, model_name)
+            return searched(*search_shipped(engine, n, model_name))
         except (IndexError, ValueError) as e:
             raise gr.Error(str(e)) from e
 
     def run_upload(photo, model_name: str):
-        if photo is None:
+        """An uploaded file's path -> the top 10; a bad file's one-line reason
+        (``protect.open_photo``) as a ``gr.Error``."""
+        if not photo:
             raise gr.Error("Upload a photo with a face first.")
         try:
             out = search_upload(engine, photo, model_name)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError) as e:  # ProtectError included
             raise gr.Error(f"This photo cannot be searched: {e}") from e
         if NO_FACE in out[2]:
             gr.Warning(NO_FACE)
-        return out
+        return searched(*out)
 
     n_people = len(set(engine.query_names))
     measured = measured_sentence()
-    with gr.Blocks(title="toap-kit: protect your photos from face search") as demo:
+    # the uploads (in Gradio's cache) go after the same time, and all when the server stops
+    with gr.Blocks(title="toap-kit: protect your photos from face search",
+                   delete_cache=(KEEP_RESULTS_S // 6, KEEP_RESULTS_S)) as demo:
         gr.Markdown(
             "# Protect your photos from face search engines\n"
             "A face search engine turns a face into a binary hash code and returns the database faces "
@@ -540,9 +620,9 @@ def build_demo(engine: Engine | None = None):
                 with gr.Column(scale=2):
                     verdict = gr.Markdown(elem_id="verdict")
                     with gr.Row():
-                        shown_orig = gr.Image(label="original", height=260, format="png")
-                        shown_prot = gr.Image(label="protected", height=260, format="png")
-                        shown_amp = gr.Image(label="the change, amplified (grey = none)", height=260, format="png")
+                        shown_orig = gr.Image(label="original", height=260)
+                        shown_prot = gr.Image(label="protected", height=260)
+                        shown_amp = gr.Image(label="the change, amplified (grey = none)", height=260)
                     metrics = gr.Markdown()
                     download = gr.DownloadButton("Download the protected photo (full resolution, JPEG q95)",
                                                  elem_id="download")
@@ -552,16 +632,19 @@ def build_demo(engine: Engine | None = None):
                                        columns=5, height=330, elem_id="after-gallery")
             controls = [strength_in, engine_in, upload_in, quality_in, refine_in]
             outs = [shown_orig, shown_prot, shown_amp, verdict, metrics, before, after, download]
-            go.click(run, [photo_in, example_state, *controls], outs, api_name="protect")
+            # every event that protects shares one concurrency group of PROTECT_JOBS
+            protects = {"concurrency_id": "protect", "concurrency_limit": PROTECT_JOBS}
+            go.click(run, [photo_in, example_state, *controls], outs, api_name="protect", **protects)
             # a new upload replaces the example
             photo_in.upload(lambda: None, None, example_state, api_visibility="private")
-            picker.select(pick, controls, [photo_in, example_state, *outs], api_visibility="private")
+            picker.select(pick, controls, [photo_in, example_state, *outs], api_visibility="private", **protects)
             for c in (strength_in, refine_in):
-                c.input(restrength, [photo_in, example_state, *controls], [engine_in, *outs], api_visibility="private")
+                c.input(restrength, [photo_in, example_state, *controls], [engine_in, *outs], api_visibility="private",
+                        **protects)
             for c in (engine_in, upload_in):
-                c.input(run, [photo_in, example_state, *controls], outs, api_visibility="private")
-            quality_in.release(run, [photo_in, example_state, *controls], outs, api_visibility="private")
-            demo.load(run, [photo_in, example_state, *controls], outs, api_visibility="private")
+                c.input(run, [photo_in, example_state, *controls], outs, api_visibility="private", **protects)
+            quality_in.release(run, [photo_in, example_state, *controls], outs, api_visibility="private", **protects)
+            demo.load(run, [photo_in, example_state, *controls], outs, api_visibility="private", **protects)
         with gr.Tab("Search only"):
             with gr.Row():
                 model_dd = gr.Dropdown(engine.models, value=engine.default_model, label="hash model")
@@ -569,15 +652,18 @@ def build_demo(engine: Engine | None = None):
                                      maximum=len(engine.query_names) - 1)
             with gr.Row():
                 with gr.Column(scale=1):
-                    upload = gr.Image(type="pil", label="upload a face photo")
+                    # a file, decoded by the kit's checked loader (not by Gradio): a bad one gets its reason
+                    upload = gr.File(label="upload a face photo", file_types=["image"], type="filepath")
                     upload_btn = gr.Button("Search with the uploaded photo")
                 with gr.Column(scale=2):
                     shown = gr.Image(label="query as searched", height=160)
                     summary = gr.Markdown()
-                    results = gr.Gallery(label="top-10 (✔ same person, ✘ someone else)", columns=5, height=340)
-            souts = [shown, results, summary]
-            query_no.change(run_shipped, [query_no, model_dd], souts, api_name="search_shipped")
-            model_dd.change(run_shipped, [query_no, model_dd], souts, api_visibility="private")
-            upload_btn.click(run_upload, [upload, model_dd], souts, api_name="search_upload")
-            demo.load(run_shipped, [query_no, model_dd], souts, api_visibility="private")
-    return demo
+                    top10 = gr.Gallery(label="top-10 (✔ same person, ✘ someone else)", columns=5, height=340)
+            souts = [shown, top10, summary]
+            searches = {"concurrency_id": "search"}  # one search at a time (default_concurrency_limit)
+            query_no.change(run_shipped, [query_no, model_dd], souts, api_name="search_shipped", **searches)
+            model_dd.change(run_shipped, [query_no, model_dd], souts, api_visibility="private", **searches)
+            upload_btn.click(run_upload, [upload, model_dd], souts, api_name="search_upload", **searches)
+            demo.load(run_shipped, [query_no, model_dd], souts, api_visibility="private", **searches)
+    # parallel users wait in a bounded queue instead of failing; memory stays that of a job or two
+    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)

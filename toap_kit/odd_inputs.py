@@ -1,39 +1,50 @@
-"""A corpus of bad or odd inputs for ``toap protect``, and its runner (issue 12).
+"""A corpus of bad or odd inputs for ``toap protect``, and its runner (issues 12 and 19).
 
-``odd_inputs(folder)`` builds the files (empty, truncated, mislabelled, bombs, odd modes,
-EXIF-rotated, animated, no face, many faces, a batch killed half-way, ...), each with what a
-correct run gives; ``run_odd_inputs(folder)`` runs ``protect.protect_files`` on each and counts
-clear errors, correct results, crashes and originals modified (sha256 before and after). The
+``odd_inputs(folder)`` builds the cases (empty, truncated, mislabelled, bombs, odd modes and bit
+depths, EXIF-rotated, animated, no face, many faces, FIFOs and devices, paths too long for the
+system, damaged manifests, an output folder moved or typed another way, a batch killed half-way,
+two runs at once, ...), each with what a correct run gives; ``run_odd_inputs(folder)`` runs
+``batch.protect_files`` on each, under a time limit, and counts clear errors, correct results,
+crashes, hangs, silently wrong results and originals modified (sha256 before and after). The
 tests and ``python -m toap_kit.bench protect`` use them.
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from .batch import MANIFEST, _append, protect_files, read_manifest
 from .data import DATA_DIR, sha256_file
 from .perturbation import Perturbation
-from .protect import (_ORIENTATION, MANIFEST, TMP_TAG, ProtectError, load_perturbation, protect_files,
-                      read_manifest)
+from .protect import _ORIENTATION, TMP_TAG, ProtectError, load_perturbation
 
-__all__ = ["OddInput", "odd_inputs", "run_odd_inputs", "shipped_photo", "shipped_photos"]
+__all__ = ["CASE_LIMIT_S", "OddInput", "odd_inputs", "run_odd_inputs", "shipped_photo", "shipped_photos"]
 
 log = logging.getLogger(__name__)
+
+CASE_LIMIT_S = 120
+"""A case still running after this many seconds is a hang (cases with a child process: 5x)."""
+_CHILD = ("killed", "concurrent")  # cases that run ``toap protect`` in a child process
+_RERUN = ("twice", "moved", "two-ways", "interleaved", "old-rows")  # cases run twice, the rerun must resume
 
 
 @dataclass
@@ -42,8 +53,14 @@ class OddInput:
 
     ``expect``: ``"refused"`` (the run stops with a ``ProtectError``), ``"error"`` (every row
     is an ``error`` row with a one-line reason), or the statuses of the rows in order
-    (``"protected"``, ``"no-face"``, ...; ``""`` for none). ``check(rows, out_dir)`` returns
-    what is wrong with a correct-looking result, or None.
+    (``"protected"``, ``"no-face"``, ...; ``""`` for none). ``says``: what every error row or
+    the refusal must say. ``check(rows, out_dir)`` returns what is wrong with a correct-looking
+    result, or None. ``special``: ``"killed"`` (a child run, SIGKILL half-way, rerun here),
+    ``"concurrent"`` (a second run while a child writes: refused; then a rerun resumes), or a
+    case run twice whose rerun must resume every photo: ``"twice"``, ``"moved"`` (the output
+    folder moved in between), ``"two-ways"`` (relative paths, then absolute), ``"interleaved"``
+    (an error row of each output appended in between, as two unlocked runs once left),
+    ``"old-rows"`` (the manifest rewritten as older versions wrote it: outputs as typed).
     """
 
     name: str
@@ -52,7 +69,8 @@ class OddInput:
     out_dir: Path
     kwargs: dict = field(default_factory=dict)
     check: Callable[[list[dict], Path], str | None] | None = None
-    special: str | None = None  # "killed": run, SIGKILL half-way, rerun
+    special: str | None = None
+    says: str | None = None
 
 
 def shipped_photos() -> list[Path]:
@@ -78,6 +96,40 @@ def _bomb_png(side: int = 30_000) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
+def _encoded(array: np.ndarray, ext: str) -> bytes:
+    """``H x W x C`` RGB(A) uint16 pixels encoded by OpenCV (Pillow cannot write 16-bit colour)."""
+    order = [2, 1, 0, 3][:array.shape[2]]  # OpenCV stores BGR(A)
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(array[..., order]))
+    assert ok, ext
+    return buf.tobytes()
+
+
+def _deep_folder(top: Path, length: int) -> tuple[int, str]:
+    """Nested folders of 250-character names under ``top`` until the path is ``length``
+    characters long (made through ``dir_fd``, so a path longer than the system's limit can be
+    made); returns an open descriptor of the deepest folder and its path."""
+    path, fd = str(top), os.open(top, os.O_RDONLY)
+    while len(path) < length:
+        name = "d" * max(1, min(250, length - len(path) - 1))
+        try:
+            os.mkdir(name, dir_fd=fd)
+        except FileExistsError:
+            pass
+        deeper = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd, path = deeper, f"{path}/{name}"
+    return fd, path
+
+
+def _write_at(fd: int, name: str, content: bytes) -> None:
+    """Write ``content`` to the file ``name`` in the folder open as ``fd``."""
+    f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
+    try:
+        os.write(f, content)
+    finally:
+        os.close(f)
+
+
 def _out_file(rows: list[dict], i: int = 0) -> Path:
     return Path(rows[i]["output"])
 
@@ -97,9 +149,29 @@ def _check_open(rows, want_mode=None, want_format=None, want_size=None) -> str |
     return None
 
 
+def _depth_reported(mode: str, fmt: str) -> Callable[[list[dict], Path], str | None]:
+    """A check: a 16-bit colour photo written with 8 bits a channel says so (row and note)."""
+    def check(rows: list[dict], out_dir: Path) -> str | None:
+        r = rows[0]
+        if r.get("bit_depth") != "16 -> 8" or not any("8 bits a channel" in n for n in r["notes"]):
+            return f"16-bit input written as 8-bit without saying so (bit_depth {r.get('bit_depth')!r})"
+        return _check_open(rows, mode, fmt)
+    return check
+
+
+def _manifest_kept(planted: bytes) -> Callable[[list[dict], Path], str | None]:
+    """A check: the damaged manifest's bytes are still there, the new rows after them."""
+    def check(rows: list[dict], out_dir: Path) -> str | None:
+        data = (out_dir / MANIFEST).read_bytes()
+        if not data.startswith(planted):
+            return "the damaged manifest was rewritten"
+        return None if read_manifest(out_dir / MANIFEST) else "no rows after the damage"
+    return check
+
+
 def odd_inputs(folder: str | Path) -> list[OddInput]:
     """Build the corpus of bad and odd inputs under ``folder/inputs`` (outputs go to
-    ``folder/out/<case>``); about 50 cases from the shipped photos. Nothing is downloaded."""
+    ``folder/out/<case>``); about 75 cases from the shipped photos. Nothing is downloaded."""
     folder = Path(folder)
     inp, out = folder / "inputs", folder / "out"
     inp.mkdir(parents=True, exist_ok=True)
@@ -110,8 +182,10 @@ def odd_inputs(folder: str | Path) -> list[OddInput]:
     jpg_bytes = jpg.getvalue()
     cases: list[OddInput] = []
 
-    def case(name: str, files: dict[str, bytes | Image.Image | tuple] | None, expect: str, inputs=None, **kw):
-        d = inp / name.replace(" ", "_")
+    def case(name: str, files: dict[str, bytes | Image.Image | tuple | Callable[[Path], object]] | None, expect: str,
+             inputs=None, as_folder: bool = False, **kw):
+        slug = re.sub(r"[^\w.-]+", "_", name)
+        d = inp / slug
         d.mkdir(parents=True, exist_ok=True)
         paths = []
         for fname, content in (files or {}).items():
@@ -121,12 +195,27 @@ def odd_inputs(folder: str | Path) -> list[OddInput]:
                 p.write_bytes(content)
             elif isinstance(content, Image.Image):
                 content.save(p)
-            else:  # (image, save kwargs)
+            elif isinstance(content, tuple):  # (image, save kwargs)
                 content[0].save(p, **content[1])
+            else:  # makes a special file (FIFO, link) at the path
+                if os.path.lexists(p):
+                    p.unlink()
+                content(p)
             paths.append(p)
-        cases.append(OddInput(name, inputs if inputs is not None else paths, expect,
-                              kw.pop("out_dir", out / name.replace(" ", "_")), **kw))
+        given = [d] if as_folder else inputs if inputs is not None else paths
+        cases.append(OddInput(name, given, expect, kw.pop("out_dir", out / slug), **kw))
         return d
+
+    def out_with(name: str, files: dict[str, bytes | Callable[[Path], object]]) -> Path:
+        """The output folder ``out/<name>`` holding ``files`` before the run."""
+        o = out / re.sub(r"[^\w.-]+", "_", name)
+        o.mkdir(exist_ok=True)
+        for fname, content in files.items():
+            if isinstance(content, bytes):
+                (o / fname).write_bytes(content)
+            elif not os.path.lexists(o / fname):
+                content(o / fname)
+        return o
 
     # -- not images, or broken ones
     case("empty file", {"empty.jpg": b""}, "error")
@@ -154,10 +243,13 @@ def odd_inputs(folder: str | Path) -> list[OddInput]:
          check=lambda rows, o: _check_open(rows, "CMYK", "JPEG"))
     grey16 = Image.fromarray((np.asarray(face.convert("L")).astype(np.uint16) * 257))
     case("16-bit greyscale PNG", {"grey16.png": grey16}, "protected",
-         check=lambda rows, o: _check_open(rows, "I;16", "PNG"))
-    _, buf = cv2.imencode(".png", (np.asarray(face)[:, :, ::-1].astype(np.uint16) * 257))
-    case("16-bit RGB PNG", {"rgb16.png": buf.tobytes()}, "protected",
-         check=lambda rows, o: _check_open(rows, None, "PNG"))
+         check=lambda rows, o: _check_open(rows, "I;16", "PNG") or (rows[0].get("bit_depth") and "depth said lowered"))
+    rgb16 = np.asarray(face).astype(np.uint16) * 257
+    rgba16 = np.dstack([rgb16, np.full(rgb16.shape[:2], 40000, np.uint16)])
+    case("16-bit RGB PNG", {"rgb16.png": _encoded(rgb16, ".png")}, "protected", check=_depth_reported("RGB", "PNG"))
+    case("16-bit RGBA PNG", {"rgba16.png": _encoded(rgba16, ".png")}, "protected",
+         check=_depth_reported("RGBA", "PNG"))
+    case("16-bit RGB TIFF", {"rgb16.tif": _encoded(rgb16, ".tif")}, "protected", check=_depth_reported("RGB", "TIFF"))
     pal = face.convert("P", palette=Image.ADAPTIVE, colors=64)
     pal.info["transparency"] = 0
     case("palette PNG with transparency", {"palette.png": (pal, {"transparency": 0})}, "protected",
@@ -295,34 +387,135 @@ def odd_inputs(folder: str | Path) -> list[OddInput]:
          out_dir=taken)
     case("JPEG quality 0 asked", {"face.jpg": (face, {"quality": 95})}, "refused", kwargs={"jpeg_quality": 0})
     case("unknown --no-face choice", {"face.jpg": (face, {"quality": 95})}, "refused", kwargs={"no_face": "maybe"})
+    one = {"face.jpg": (face, {"quality": 95})}
+    # -- not regular files: refused before a byte is read (reading one never ends)
+    case("FIFO given as the input file", {"fifo.jpg": os.mkfifo}, "error", says="FIFO")
+    case("FIFO inside a folder", {"a_face.jpg": (face, {"quality": 95}), "fifo.jpg": os.mkfifo}, "protected,error",
+         as_folder=True, says="FIFO")
+    if os.path.exists("/dev/zero"):
+        case("link named x.jpg to /dev/zero", {"x.jpg": lambda p: p.symlink_to("/dev/zero")}, "error",
+             says="character device")
+        case("the device /dev/zero given as a photo", None, "error", inputs=[Path("/dev/zero")],
+             says="character device")
+    case("link to nothing named .jpg", {"gone.jpg": lambda p: p.symlink_to(p.parent / "nothing-here.jpg")}, "error",
+         says="link to nothing")
+    case("loop of links named .jpg", {"a.jpg": lambda p: p.symlink_to(p.parent / "b.jpg"),
+                                      "b.jpg": lambda p: p.symlink_to(p.parent / "a.jpg")}, "error",
+         says="symbolic links")
+    case("FIFO where an output goes", one, "error", out_dir=out_with("fifo where an output goes",
+                                                                      {"face.jpg": os.mkfifo}),
+         says="not written by toap")
+    # -- paths the system cannot open, folders it cannot list
+    limit = os.pathconf("/", "PC_PATH_MAX")
+    for name, length, says in (("photo path too long for the system", limit - 100, "too long"),
+                               ("folder path too long to list", limit + 10, "cannot read this folder")):
+        d = case(name, {"a_face.jpg": (face, {"quality": 95})}, "protected,error", as_folder=True, says=says)
+        fd, _ = _deep_folder(d, length)  # the first is listable, its photo's own path is past the limit
+        _write_at(fd, "p" * 200 + ".jpg", jpg_bytes)
+        os.close(fd)
+    if os.geteuid() != 0:  # root reads any folder
+        d = case("unreadable sub-folder", {"a_face.jpg": (face, {"quality": 95}), "locked/b_face.jpg": jpg_bytes},
+                 "protected,error", as_folder=True, says="cannot read this folder")
+        (d / "locked").chmod(0)
+    # -- the output folder and its manifest: moved, typed two ways, shared, damaged
+    two = {"a.jpg": (face, {"quality": 95}), "b.jpg": (shipped_photo(2), {"quality": 95})}
+    case("output folder moved, then rerun", two, "protected,protected", special="moved")
+    d = case("same folders typed two ways (relative, then absolute)", two, "protected,protected", special="two-ways")
+    cases[-1].inputs, cases[-1].out_dir = [Path(os.path.relpath(d))], Path(os.path.relpath(cases[-1].out_dir))
+    case("rerun after two runs left an error row for each output", two, "protected,protected", special="interleaved")
+    case("rerun with a manifest of an older version (outputs as typed)", two, "protected,protected",
+         special="old-rows")
+    wrong_types = [{"target": 5}, {"target": "face.jpg", "status": "protected", "input_sha256": 7, "settings": "x",
+                                   "output_sha256": 5}]
+    for name, damage in (("random bytes", np.random.default_rng(1).bytes(3000)), ("a line [1, 2]", b"[1, 2]\n"),
+                         ("a line 42", b"42\n"),
+                         ("rows with fields of the wrong type", "".join(json.dumps(r) + "\n" for r in wrong_types)
+                          .encode())):
+        case(f"manifest of {name}", one, "protected", special="twice", check=_manifest_kept(damage),
+             out_dir=out_with(f"manifest of {name}", {MANIFEST: damage}))
+    for kind, make in (("a FIFO", os.mkfifo), ("a folder", Path.mkdir)):
+        case(f"manifest is {kind}", one, "refused", out_dir=out_with(f"manifest is {kind}", {MANIFEST: make}),
+             says="keeps its record there")
+    row = {"target": "face.jpg", "status": "protected", "output_sha256": "0" * 64, "input_sha256": "1" * 64}
+    case("output replaced after its manifest row", one, "error", says="not written by toap",
+         out_dir=out_with("output replaced", {"face.jpg": b"the user's own file", MANIFEST: json.dumps(row).encode()}))
+    given = out_with("output folder given as an input", {"face.jpg": jpg_bytes})
+    case("output folder given as an input", None, "refused", inputs=[given], out_dir=given,
+         says="overwrite the original")
+    # -- odd names and links inside folders
+    case("newline in the file name", {"new\nline.jpg": (face, {"quality": 95})}, "protected",
+         check=lambda rows, o: None if _out_file(rows).name == "new\nline.jpg" else "name changed")
+    case("link to its own parent inside the input folder", {**one, "up": lambda p: p.symlink_to(p.parent)},
+         "protected", as_folder=True)
+    # -- runs in a child process
     big = {f"p{i:02d}.jpg": (shipped_photo(i % 23).resize((900, 900), Image.BICUBIC), {"quality": 92}) for i in range(16)}
-    d = case("batch killed half-way and rerun", big, "protected")
-    cases[-1].inputs, cases[-1].special = [d], "killed"
+    case("two concurrent runs on one output folder", big, ",".join(["protected"] * 16), as_folder=True,
+         special="concurrent", says="another toap protect is writing")
+    case("batch killed half-way and rerun", big, "protected", as_folder=True, special="killed")
     return cases
 
 
 def _originals(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (links not followed)."""
-    return {str(p): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    """sha256 of every regular file under ``folder`` that can be read (links not followed;
+    FIFOs and paths too long for the system passed over)."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                try:
+                    found[p] = sha256_file(p)
+                except OSError:
+                    pass
+    return found
 
 
-def _killed_run(case: OddInput, timeout: float = 300) -> str | None:
-    """Start ``toap protect`` in a child process, SIGKILL it once two photos are done, add what a
-    kill during a write leaves (a half temporary file, half a manifest line) if it left none,
-    rerun in this process, and check the result. Returns what is wrong, or None."""
-    manifest = case.out_dir / MANIFEST
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _child(case: OddInput) -> subprocess.Popen:
+    """``toap protect`` on ``case`` in a child process (one thread, quiet)."""
     cmd = [sys.executable, "-m", "toap_kit.cli", "protect", *map(str, case.inputs), "-o", str(case.out_dir),
            "--no-progress", "--quiet"]
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _wait_for(child: subprocess.Popen, done: Callable[[], bool], timeout: float) -> None:
+    """Wait until ``done()``, the child's end, or ``timeout`` seconds, whichever comes first."""
     t0 = time.time()
-    while child.poll() is None and time.time() - t0 < timeout:
-        if len(read_manifest(manifest)) >= 2:
-            break
+    while child.poll() is None and not done() and time.time() - t0 < timeout:
         time.sleep(0.01)
-    if child.poll() is None:
-        child.send_signal(signal.SIGKILL)
-    child.wait()
+
+
+def _outputs_match(out_dir: Path, rows: list[dict]) -> str | None:
+    """What is wrong with ``out_dir`` after a full run (a file without its manifest row, a
+    temporary file left, a photo not protected), or None."""
+    outs = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    if any(TMP_TAG in p.name for p in outs):
+        return "temporary files left after the rerun"
+    if len(outs) != len(rows) or any(r["status"] != "protected" for r in rows):
+        return f"{len(outs)} outputs for {len(rows)} photos, statuses {sorted({r['status'] for r in rows})}"
+    done = {r["target"]: r for r in read_manifest(out_dir / MANIFEST) if r.get("status") == "protected"}
+    for p in outs:
+        row = done.get(p.relative_to(out_dir).as_posix())
+        if row is None or sha256_file(p) != row["output_sha256"]:
+            return f"{p.name} has no matching manifest row"
+        with Image.open(p) as im:
+            im.load()
+    return None
+
+
+def _killed_run(case: OddInput, timeout: float = 300) -> tuple[list[dict], str | None]:
+    """Start ``toap protect`` in a child process, SIGKILL it once two photos are done, add what a
+    kill during a write leaves (a half temporary file, half a manifest line) if it left none,
+    rerun in this process with the child's (default) perturbation, and check the result.
+    Returns the rerun's rows and what is wrong."""
+    manifest = case.out_dir / MANIFEST
+    child = _child(case)
+    try:
+        _wait_for(child, lambda: len(read_manifest(manifest)) >= 2, timeout)
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+        child.wait()
     killed = child.returncode == -signal.SIGKILL
     first = read_manifest(manifest)
     if killed:  # what a kill in the middle of a write leaves
@@ -330,88 +523,177 @@ def _killed_run(case: OddInput, timeout: float = 300) -> str | None:
         with open(manifest, "ab") as f:
             f.write(b'{"input": "half a line')
     rows = protect_files(case.inputs, case.out_dir, load_perturbation(), progress=False)
-    outs = sorted(p for p in case.out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    if any(TMP_TAG in p.name for p in outs):
-        return "temporary files left after the rerun"
-    if len(outs) != len(rows) or any(r["status"] != "protected" for r in rows):
-        return f"{len(outs)} outputs for {len(rows)} photos, statuses {sorted({r['status'] for r in rows})}"
-    done = {r["output"]: r for r in read_manifest(manifest) if r.get("status") == "protected"}
-    for p in outs:
-        if str(p) not in done or sha256_file(p) != done[str(p)]["output_sha256"]:
-            return f"{p.name} has no matching manifest row"
-        with Image.open(p) as im:
-            im.load()
-    if killed and not any(r["resumed"] for r in rows):
-        return "the rerun redid every photo"
+    problem = _outputs_match(case.out_dir, rows)
+    if problem is None and killed and not any(r["resumed"] for r in rows):
+        problem = "the rerun redid every photo"
     log.info("killed run: %d rows before the kill, %d resumed", len(first), sum(r["resumed"] for r in rows))
-    return None
+    return rows, problem
 
 
-def run_odd_inputs(folder: str | Path, perturbation: Perturbation | None = None) -> dict:
-    """Build ``odd_inputs(folder)``, protect each case, and count the outcomes.
+def _concurrent_run(case: OddInput, timeout: float = 300) -> tuple[list[dict], str | None]:
+    """Start ``toap protect`` in a child process; once it holds the output folder (its first row
+    is being written), run the same here: it must be refused with ``case.says``; once the child
+    is done, a rerun must resume every photo. Returns the rows of the run here (or of the rerun)
+    and what is wrong."""
+    manifest, perturbation = case.out_dir / MANIFEST, load_perturbation()  # the child's default
+    child = _child(case)
+    try:
+        _wait_for(child, lambda: os.path.isfile(manifest) and os.path.getsize(manifest) > 0, timeout)
+        if child.poll() is not None:
+            return [], f"the first run ended (exit {child.returncode}) before the second started"
+        try:
+            rows = protect_files(case.inputs, case.out_dir, perturbation, progress=False)
+            return rows, "the second run was not refused"
+        except ProtectError as e:
+            if case.says not in str(e):
+                return [], f"the second run was refused, but not for the lock: {e}"
+        child.wait(timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if child.returncode != 0:
+        return [], f"the first run failed (exit {child.returncode})"
+    rows = protect_files(case.inputs, case.out_dir, perturbation, progress=False)
+    if not all(r["resumed"] for r in rows):
+        return [{**r, "status": "redone"} for r in rows], "the rerun after both runs did not resume every photo"
+    return rows, _outputs_match(case.out_dir, rows)
 
-    Returns ``{files, clear_errors, correct_results, crashes, unexpected, originals_modified,
-    cases}``: ``files`` the number of cases; a *clear error* is an expected refusal or error
-    row with a one-line reason; a *correct result* matches the expected statuses and passes the
-    case's check; a *crash* is an unexpected exception (escaping, or caught in the batch);
-    ``originals_modified`` counts input files whose sha256 changed; ``cases`` one row each.
+
+def _protect(c: OddInput, perturbation: Perturbation) -> tuple[list[dict], Path]:
+    """Run case ``c`` (twice for a rerun case, with its change in between): the rows of the last
+    run, with status ``redone`` if a rerun did not resume every photo, and the output folder."""
+    rows = protect_files(c.inputs, c.out_dir, perturbation, progress=False, **c.kwargs)
+    if c.special not in _RERUN:
+        return rows, c.out_dir
+    inputs, out_dir, manifest = c.inputs, c.out_dir, c.out_dir / MANIFEST
+    if c.special == "moved":
+        out_dir = c.out_dir.with_name(c.out_dir.name + "_moved")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.move(c.out_dir, out_dir)
+    elif c.special == "two-ways":
+        inputs, out_dir = [Path(os.path.abspath(p)) for p in inputs], Path(os.path.abspath(out_dir))
+    elif c.special == "interleaved":  # what two runs at once left before the lock: a later error row
+        for r in rows:
+            _append(manifest, {**r, "status": "error", "output": None, "output_sha256": None,
+                               "error": f"{r['output']} already exists and was not written by toap protect"})
+    elif c.special == "old-rows":  # older versions recorded the output's path as typed
+        old = [{**r, "target": r["output"]} for r in read_manifest(manifest)]
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in old))
+    again = protect_files(inputs, out_dir, perturbation, progress=False, **c.kwargs)
+    if len(again) != len(rows) or not all(r["resumed"] for r in again):
+        again = [{**r, "status": "redone"} for r in again]
+    return again, out_dir
+
+
+def _judge(c: OddInput, rows: list[dict], out_dir: Path) -> tuple[str, str]:
+    """``(outcome, detail)`` of a case that ran to its end."""
+    statuses = ",".join(r["status"] for r in rows)
+    crashed = [r for r in rows if r.get("crash")]
+    errors = [r["error"] for r in rows if r["status"] == "error"]
+    if crashed:
+        return "crash", crashed[0]["error"]
+    if c.expect == "refused":
+        return "unexpected", f"not refused: {statuses}"
+    if c.expect == "error":
+        if not rows or statuses != ",".join(["error"] * len(rows)):
+            return "unexpected", statuses or "nothing"
+    elif statuses != c.expect:
+        return "unexpected", f"{statuses or 'nothing'} (expected {c.expect or 'nothing'})"
+    unclear = [e for e in errors if not e or "\n" in e or (c.says and c.says not in e)]
+    if unclear:
+        return "unexpected", f"unclear error: {unclear[0]!r}" + (f" (should say {c.says!r})" if c.says else "")
+    problem = c.check(rows, out_dir) if c.check else None
+    if problem:
+        return "unexpected", problem
+    if c.expect == "error":
+        return "clear_error", errors[0]
+    return "correct", (statuses or "nothing to do") + (f" ({errors[0]})" if errors else "")
+
+
+class _Hang(BaseException):
+    """A case ran past its time limit (a BaseException: the batch's own error handling must not
+    catch it)."""
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``_Hang`` in the block after ``seconds`` (SIGALRM; in the main thread only, elsewhere
+    no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ring(signum, frame):
+        raise _Hang(f"still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_odd_inputs(folder: str | Path, perturbation: Perturbation | None = None, limit_s: float = CASE_LIMIT_S) -> dict:
+    """Build ``odd_inputs(folder)``, protect each case under a time limit, and count the outcomes.
+
+    Returns ``{files, clear_errors, correct_results, crashes, hangs, silently_wrong, unexpected,
+    originals_modified, cases}``: ``files`` the number of cases, each counted once in one of the
+    next six: a *clear error* is an expected refusal or error row with a one-line reason saying
+    what the case expects; a *correct result* matches the expected statuses and passes the case's
+    check; a *crash* is an unexpected exception (escaping, or caught in the batch); a *hang* ran
+    past ``limit_s`` seconds (5x for a case with a child process); *silently wrong* is a wrong
+    result whose rows claim success (``protected``, ``copied`` or ``resumed``: a wrong output, or
+    success where an error or a refusal was due); *unexpected* any other wrong result (an error
+    where success was due, an unclear message). ``originals_modified`` counts input files whose
+    sha256 changed; ``cases`` one row each.
     """
     folder = Path(folder)
     perturbation = perturbation or load_perturbation()
     cases = odd_inputs(folder)
     before = _originals(folder / "inputs")
     planted = {str(p): sha256_file(p) for p in (folder / "out" / "existing_output").glob("*")}
-    counts = {"files": len(cases), "clear_errors": 0, "correct_results": 0, "crashes": 0, "unexpected": 0}
+    counts = {"files": len(cases), "clear_errors": 0, "correct_results": 0, "crashes": 0, "hangs": 0,
+              "silently_wrong": 0, "unexpected": 0}
     report = []
-    level = log.level
-    log.setLevel(logging.ERROR)  # the corpus is made of failures: their warnings are expected
+    package = logging.getLogger("toap_kit")
+    level = package.level
+    package.setLevel(logging.ERROR)  # the corpus is made of failures: their warnings are expected
     try:
         for c in cases:
-            report.append(_run_case(c, perturbation, counts))
+            report.append(_run_case(c, perturbation, counts, limit_s * (5 if c.special in _CHILD else 1)))
     finally:
-        log.setLevel(level)
+        package.setLevel(level)
     after = _originals(folder / "inputs")
     modified = sum(before[p] != after.get(p) for p in before)
     modified += sum(sha256_file(p) != s for p, s in planted.items())
     return {**counts, "originals_modified": modified, "cases": report}
 
 
-def _run_case(c: OddInput, perturbation: Perturbation, counts: dict) -> dict:
+def _run_case(c: OddInput, perturbation: Perturbation, counts: dict, limit_s: float) -> dict:
     """Run one corpus case, count its outcome in ``counts``, and return its report row."""
-    outcome, detail = "unexpected", ""
+    rows: list[dict] = []
     try:
-        if c.special == "killed":
-            problem = _killed_run(c)
-            outcome, detail = ("correct", "resumed after SIGKILL") if problem is None else ("unexpected", problem)
-        else:
-            rows = protect_files(c.inputs, c.out_dir, perturbation, progress=False, **c.kwargs)
-            if c.special == "twice":  # the second run must find its own output done, not scan it
-                rows2 = protect_files(c.inputs, c.out_dir, perturbation, progress=False, **c.kwargs)
-                if len(rows2) != len(rows) or not all(r["resumed"] for r in rows2):
-                    rows = [{**r, "status": "redone-or-rescanned"} for r in rows2]
-            statuses = ",".join(r["status"] for r in rows)
-            crashed = [r for r in rows if r.get("crash")]
-            if crashed:
-                outcome, detail = "crash", crashed[0]["error"]
-            elif c.expect == "error":
-                ok = rows and all(r["status"] == "error" and r["error"] and "\n" not in r["error"] for r in rows)
-                outcome, detail = ("clear_error", rows[0]["error"]) if ok else ("unexpected", statuses)
-            elif c.expect == "refused":
-                outcome, detail = "unexpected", f"not refused: {statuses}"
-            elif statuses != c.expect:
-                outcome, detail = "unexpected", f"{statuses or 'nothing'} (expected {c.expect or 'nothing'})"
+        with _time_limit(limit_s):
+            if c.special in _CHILD:
+                rows, problem = (_killed_run if c.special == "killed" else _concurrent_run)(c)
+                done = {"killed": "resumed after SIGKILL", "concurrent": "the second run refused, the rerun resumed"}
+                outcome, detail = ("correct", done[c.special]) if problem is None else ("unexpected", problem)
             else:
-                problem = c.check(rows, c.out_dir) if c.check else None
-                outcome, detail = (("correct", statuses or "nothing to do") if problem is None
-                                   else ("unexpected", problem))
-                errors = [r["error"] for r in rows if r["status"] == "error"]
-                if errors and problem is None:
-                    detail += f" ({errors[0]})"
+                rows, out_dir = _protect(c, perturbation)
+                outcome, detail = _judge(c, rows, out_dir)
+    except _Hang as e:
+        outcome, detail = "hang", str(e)
     except ProtectError as e:
-        clear = c.expect == "refused" and "\n" not in str(e)
+        clear = c.expect == "refused" and "\n" not in str(e) and (c.says is None or c.says in str(e))
         outcome, detail = ("clear_error" if clear else "unexpected"), str(e)
     except Exception as e:  # noqa: BLE001 - counted, that is the point
         outcome, detail = "crash", f"{type(e).__name__}: {e}"
-    key = {"clear_error": "clear_errors", "correct": "correct_results", "crash": "crashes"}.get(outcome, "unexpected")
+    if outcome == "unexpected" and any(r["status"] in ("protected", "copied") or r.get("resumed") for r in rows):
+        outcome = "silently_wrong"
+    key = {"clear_error": "clear_errors", "correct": "correct_results", "crash": "crashes", "hang": "hangs",
+           "silently_wrong": "silently_wrong"}.get(outcome, "unexpected")
     counts[key] += 1
     return {"case": c.name, "outcome": outcome, "detail": detail}

@@ -1,4 +1,4 @@
-"""Protect your own photos with a shipped perturbation, and check what a platform's copy gives away.
+"""Protect one photo: find every face, add a shipped perturbation, keep the file's format.
 
     >>> from PIL import Image
     >>> from toap_kit import protect
@@ -6,10 +6,10 @@
     >>> p = Perturbation.load(protect.STRENGTHS["mid"])              # "toap-mid", eps 8/255
     >>> out = protect.protect_image(Image.open("me.jpg"), p)         # every face, full resolution
     >>> out.boxes                                                    # [(x0, y0, side), ...]
-    >>> rows = protect.protect_files([Path("photos")], Path("protected"), p)  # a folder, resumable
 
-The command line is ``toap protect`` (``toap_kit.cli``); ``toap_kit.verify`` checks a
-platform's copy, ``toap_kit.odd_inputs`` holds the bad-input corpus.
+Files and folders (resumable batches, the manifest) are ``toap_kit.batch``; the command line is
+``toap protect`` (``toap_kit.cli``); ``toap_kit.verify`` checks a platform's copy,
+``toap_kit.odd_inputs`` holds the bad-input corpus.
 
 **How one photo is protected** (``protect_image``):
 
@@ -54,8 +54,8 @@ R = 255 - C), K untouched; palette images (``P``, ``PA``) come back as ``RGB``/`
 the perturbation), bilevel ``1`` as ``L``. Other modes (``F``, ``YCbCr``, ``LAB``, ...) are
 refused with a clear message.
 
-**Files** (``protect_files``): outputs keep the input's name (and, for a folder, its
-sub-folders) and its format, read from the content (a PNG named ``.jpg`` stays a PNG):
+**A photo file** (``open_photo`` reads it, ``_save`` writes the protected copy): the output keeps
+the input's format, read from the content (a PNG named ``.jpg`` stays a PNG):
 
 - JPEG at ``DEFAULT_JPEG_QUALITY`` = 95, chroma 4:4:4. Measured (``toap-mid-mixed``, 60 open-set queries,
   query setting, relative mAP drop, JPEG applied to clean and protected alike):
@@ -70,43 +70,35 @@ sub-folders) and its format, read from the content (a PNG named ``.jpg`` stays a
   (GPS, camera serial, owner, dates: gone), nor XMP, comments or PNG text; the ICC colour
   profile and the DPI are kept. ``keep_exif=True`` writes the original EXIF back with the
   orientation set to 1 (the pixels are already upright).
-- Atomic writes (a temporary file in the same folder, then ``os.replace``); a JSON-lines
-  manifest ``toap-manifest.jsonl`` in the output folder (input, output, faces, strength,
-  perturbation name and sha256, seconds, ...); a rerun skips files already done; an existing
-  file that toap did not write is never overwritten, nor is any input.
+- Bit depth: Pillow reads 16-bit RGB and RGBA (PNG, TIFF) as 8 bits a channel, so such a photo is
+  written with 8 bits a channel; ``open_photo`` reads the depth stored in the file (PNG's IHDR,
+  TIFF's BitsPerSample) and reports the change (``_Source.bit_depth`` = ``"16 -> 8"``, a note).
+  16-bit greyscale is kept.
+- Only regular files are read: a FIFO, a device (``/dev/zero``), a socket, or a link to one is
+  refused before a byte is read (reading one may never end).
 
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import math
-import os
+import stat
 import struct
-import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .data import CROP_SCALE, CROP_SHIFT_UP, IMAGE_SUFFIXES, _face_detector, sha256_file
+from .data import CROP_SCALE, CROP_SHIFT_UP, _face_detector
 from .perturbation import FEATHER, Perturbation, feather_mask
 
-__all__ = ["DEFAULT_JPEG_QUALITY", "DEFAULT_STRENGTH", "DETECT_SIDE", "FEATHER", "MANIFEST", "MAX_PIXELS",
-           "MIN_FACE_SIDE", "MIN_MEASURED_QUALITY", "ProtectError", "ProtectedPhoto", "STRENGTHS",
-           "face_boxes", "face_crop", "feather_mask", "load_perturbation", "open_photo", "protect_files",
-           "protect_image", "read_manifest", "summarize"]
-
-log = logging.getLogger(__name__)
+__all__ = ["DEFAULT_JPEG_QUALITY", "DEFAULT_STRENGTH", "DETECT_SIDE", "FEATHER", "MAX_PIXELS", "MIN_FACE_SIDE",
+           "MIN_MEASURED_QUALITY", "ProtectError", "ProtectedPhoto", "STRENGTHS", "TMP_TAG", "face_boxes",
+           "face_crop", "feather_mask", "load_perturbation", "open_photo", "protect_image"]
 
 STRENGTHS = {"low": "toap-low", "mid": "toap-mid", "high": "toap-high"}
 """``-m low|mid|high``: the shipped TOAP perturbations at eps 4, 8 and 12 over 255."""
@@ -121,14 +113,14 @@ MIN_FACE_SIDE = 16
 """Face squares smaller than this (pixels of the photo) are not protected."""
 MAX_PIXELS = 100_000_000
 """Photos with more pixels are refused (a decompression bomb: a small file that decodes to GBs)."""
-MANIFEST = "toap-manifest.jsonl"
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, Pillow's RGB -> L
 TMP_TAG = ".toap-tmp-"
-DONE = ("protected", "copied", "no-face")  # manifest statuses a rerun does not redo
+"""In the name of every temporary file the kit writes before an atomic rename (``.NAME.toap-tmp-PID``)."""
 _WRITABLE = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "TIFF": "TIFF", "BMP": "BMP"}
 _LOSSLESS_TIFF = {"raw", "tiff_lzw", "tiff_deflate", "tiff_adobe_deflate", "packbits"}
-_SCAN_SUFFIXES = IMAGE_SUFFIXES | {".gif"}  # GIFs are scanned so that they are reported, not silently left out
 _ORIENTATION = 0x0112
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 class ProtectError(ValueError):
@@ -359,21 +351,54 @@ class _Source:
     dpi: tuple | None
     compression: str | None
     notes: list[str] = field(default_factory=list)  # what Pillow warned about while reading
+    bit_depth: str | None = None  # "16 -> 8": the file stores 16-bit colour, Pillow gave 8 bits a channel
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` (a link followed) is not a file to read, or None for a regular file. Nothing
+    is opened: reading a FIFO or ``/dev/zero`` never ends."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file or folder" + (" (a link to nothing)" if path.is_symlink() else "")
+    except OSError as e:  # a path too long for the system, a loop of links, a folder we may not enter, ...
+        return f"cannot read it: {e.strerror or e}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not an image file"
+    kind = next((name for is_kind, name in _NOT_REGULAR if is_kind(mode)), "an unknown kind of file")
+    return f"not a regular file: {kind}"
+
+
+def _stored_bits(path: Path, im: Image.Image) -> int:
+    """Bits per channel the file stores (PNG's IHDR, TIFF's BitsPerSample; 8 for other formats)."""
+    if im.format == "PNG":
+        with open(path, "rb") as f:
+            head = f.read(26)  # signature (8), IHDR length and type (8), width, height (8), bit depth (1)
+        return head[24] if len(head) == 26 and head[12:16] == b"IHDR" else 8
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, 8)
+        return max((b for b in (bits if isinstance(bits, tuple) else (bits,)) if isinstance(b, int)), default=8)
+    return 8
 
 
 def open_photo(path: str | Path) -> tuple[Image.Image, _Source]:
     """Read an image file fully (first frame of an MPO), checking everything that can be wrong.
 
+    A 16-bit colour file (PNG, TIFF) comes back with 8 bits a channel, as Pillow reads it; the
+    ``_Source`` says so (``bit_depth`` ``"16 -> 8"`` and a note).
+
     Raises:
-        ProtectError: missing file, a folder, empty, not an image, truncated or corrupt,
-            animated or multi-page, GIF, a format that cannot be written back, or more than
-            ``MAX_PIXELS`` pixels (the message says which).
+        ProtectError: missing file, a folder, not a regular file (FIFO, device, socket: refused
+            before reading), empty, not an image, truncated or corrupt, animated or multi-page,
+            GIF, a format that cannot be written back, or more than ``MAX_PIXELS`` pixels (the
+            message says which).
     """
     path = Path(path)
-    if path.is_dir():
-        raise ProtectError("is a folder, not an image file")
-    if not path.exists():
-        raise ProtectError("no such file")
+    problem = _file_problem(path)
+    if problem:
+        raise ProtectError(problem)
     try:
         if path.stat().st_size == 0:
             raise ProtectError("empty file (0 bytes)")
@@ -405,7 +430,12 @@ def open_photo(path: str | Path) -> tuple[Image.Image, _Source]:
                 except Exception:  # noqa: BLE001 - an unreadable EXIF block is dropped, not fatal
                     exif = None
                 src = _Source(fmt, im.info.get("icc_profile"), exif, im.info.get("dpi"), im.info.get("compression"))
+                bits = _stored_bits(path, im)
             src.notes = sorted({f"Pillow: {' '.join(str(w.message).split())}" for w in caught})
+            if bits > 8 and not im.mode.startswith("I"):  # 16-bit greyscale (I;16) keeps its depth
+                src.bit_depth = f"{bits} -> 8"
+                src.notes.append(f"{bits}-bit {im.mode} written with 8 bits a channel (Pillow reads "
+                                 f"{bits}-bit colour as 8 bits)")
             return im, src
     except ProtectError:
         raise
@@ -441,52 +471,6 @@ def _save(img: Image.Image, f, src: _Source, jpeg_quality: int, keep_exif: bool)
     img.save(f, format=fmt, **kw)
 
 
-def _write_atomic(dst: Path, write: Callable[[object], None], before_replace: Callable[[str, int], None]) -> None:
-    """Write ``dst`` through a temporary file in its folder, then ``os.replace``; a killed run
-    leaves at most a hidden temporary file (removed by the next run). ``before_replace(sha256,
-    size)`` runs once the bytes are on disk, before they get the final name."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}{TMP_TAG}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        before_replace(sha256_file(tmp), tmp.stat().st_size)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    """The rows of a manifest (JSON lines); a line cut short by a killed run is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s line %d is incomplete (a killed run?): ignored", path, n)
-    return rows
-
-
-def _append(manifest: Path, row: dict) -> None:
-    with open(manifest, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell():  # a killed run may have left half a line: start a fresh one
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write((json.dumps(row) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def load_perturbation(name_or_path: str | Path | None = None, strength: str | None = None) -> Perturbation:
     """The perturbation for ``strength`` (low/mid/high) or ``name_or_path`` (a shipped name or a
     file); default: ``DEFAULT_STRENGTH``. Raises ``ProtectError`` with the choices."""
@@ -504,264 +488,6 @@ def load_perturbation(name_or_path: str | Path | None = None, strength: str | No
                            f"(shipped: {', '.join(Perturbation.shipped())})") from None
     except (ValueError, OSError, KeyError) as e:
         raise ProtectError(f"perturbation {str(name_or_path)!r} cannot be used: {e}") from None
-
-
-def _perturbation_info(p: Perturbation) -> dict:
-    name = p.card.get("name") or "custom"
-    sha = p.card.get("sha256") or hashlib.sha256(p.delta.numpy().tobytes()).hexdigest()
-    strength = next((s for s, n in STRENGTHS.items() if n == name), None)
-    return {"perturbation": name, "perturbation_sha256": sha, "strength": strength,
-            "eps_255": round(p.eps * 255, 3)}
-
-
-def _scan(folder: Path, skip: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted; hidden files and folders and ``skip``
-    left out; links to files followed, links to folders not)."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and here.joinpath(d).resolve() != skip)
-        found += [here / n for n in sorted(files)
-                  if not n.startswith(".") and Path(n).suffix.lower() in _SCAN_SUFFIXES and (here / n).is_file()]
-    return found
-
-
-def _jobs(inputs: Iterable[Path], out_dir: Path) -> list[tuple[Path, Path | None, str | None]]:
-    """``(input, output, error)`` for every photo: folders are scanned (not the output folder
-    inside them); the same file twice is kept once; two inputs mapping to one output name: the
-    later one gets an error."""
-    out_resolved = out_dir.resolve()
-    jobs, seen, taken = [], set(), {}
-    for given in inputs:
-        given = Path(given)
-        if given.is_dir():
-            pairs = [(p, out_dir / p.relative_to(given)) for p in _scan(given, out_resolved)]
-        elif given.exists():
-            pairs = [(given, out_dir / given.name)]
-        else:
-            jobs.append((given, None, "no such file or folder"))
-            continue
-        for src, dst in pairs:
-            real = src.resolve()
-            if real in seen:
-                continue
-            seen.add(real)
-            if dst in taken:
-                jobs.append((src, None, f"output name clash: {taken[dst]} is also written to {dst}"))
-                continue
-            taken[dst] = src
-            jobs.append((src, dst, None))
-    return jobs
-
-
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and check that files can be written there (ProtectError if not)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ProtectError(f"output folder {out_dir} is an existing file")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".probe{TMP_TAG}{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ProtectError(f"cannot write to output folder {out_dir}: {e.strerror or e}") from None
-
-
-def _clean_temps(out_dir: Path) -> int:
-    """Remove temporary files a killed run left in ``out_dir``; returns how many."""
-    n = 0
-    for root, _, files in os.walk(out_dir):
-        for name in files:
-            if name.startswith(".") and TMP_TAG in name:
-                Path(root, name).unlink(missing_ok=True)
-                n += 1
-    if n:
-        log.info("removed %d temporary files left by an interrupted run in %s", n, out_dir)
-    return n
-
-
-def _check_quality(q: int | None) -> int:
-    if q is None:
-        return DEFAULT_JPEG_QUALITY
-    if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q <= 100:
-        raise ProtectError(f"JPEG quality must be an integer in 1..100, got {q!r}")
-    if q < DEFAULT_JPEG_QUALITY:
-        log.warning("JPEG quality %d is below %d, the quality the kit measured to keep the protection%s",
-                    q, DEFAULT_JPEG_QUALITY, "" if q >= MIN_MEASURED_QUALITY else
-                    f" (and below {MIN_MEASURED_QUALITY}, the lowest it measured at all)")
-    return int(q)
-
-
-def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbation: Perturbation, detect: bool = True,
-                  no_face: str = "skip", jpeg_quality: int | None = None, keep_exif: bool = False,
-                  progress: bool = True, refine_steps: int = 0) -> list[dict]:
-    """Protect photos (files, or folders searched recursively) into ``out_dir``.
-
-    Args:
-        inputs: image files and folders; an output folder inside an input folder is not scanned.
-        out_dir: where protected copies go, keeping names (and sub-folders of a folder input).
-        perturbation: the perturbation to add (``load_perturbation``).
-        detect: detect faces; False: every image is one face (its central square).
-        no_face: a photo without a face is left out (``"skip"``) or written unprotected
-            (``"copy"``, through the same writer: orientation applied, metadata stripped).
-        jpeg_quality: quality of JPEG outputs (default ``DEFAULT_JPEG_QUALITY``; lower warns).
-        keep_exif: write the original EXIF back (orientation set to 1); default: no EXIF.
-        progress: show a tqdm progress bar (and one per photo for the refinement).
-        refine_steps: 0: the universal delta; N > 0: every face refined for N steps against
-            dlib's network (``protect_image``; a few seconds a face on a laptop).
-
-    Returns:
-        One manifest row per photo of this run (``status``: ``protected``, ``copied``,
-        ``no-face``, ``error``; ``resumed`` True for a file done by an earlier run). Rows of
-        new work are appended to ``out_dir / MANIFEST``. A bad file gets an ``error`` row and
-        the batch goes on; ``crash`` True marks an unexpected exception (a bug).
-
-    Raises:
-        ProtectError: the run cannot start (output folder unusable, an output would overwrite
-            an input, bad ``no_face`` or ``jpeg_quality``).
-    """
-    if no_face not in ("skip", "copy"):
-        raise ProtectError(f"no_face must be 'skip' or 'copy', got {no_face!r}")
-    quality = _check_quality(jpeg_quality)
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, (int, np.integer)) or refine_steps < 0:
-        raise ProtectError(f"refine steps must be a whole number >= 0, got {refine_steps!r}")
-    out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir)
-    jobs = _jobs(inputs, out_dir)
-    for src, dst, _ in jobs:
-        if dst is not None and dst.resolve() == src.resolve():
-            raise ProtectError(f"refusing to overwrite the original {src}: choose an output folder "
-                               "other than the input's own folder")
-    _clean_temps(out_dir)
-    manifest = out_dir / MANIFEST
-    previous = {r.get("target"): r for r in read_manifest(manifest) if r.get("target")}
-    pinfo = _perturbation_info(perturbation)
-    settings = {"detect": detect, "no_face": no_face, "jpeg_quality": quality, "keep_exif": keep_exif,
-                "refine_steps": int(refine_steps)}
-    refine = _Refiner(int(refine_steps), progress)
-    rows = []
-    with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
-        for src, dst, error in tqdm(jobs, desc="protect", unit="photo", disable=not progress):
-            rows.append(_protect_or_report(src, dst, error, perturbation, previous, manifest, pinfo, settings,
-                                           quality, keep_exif, no_face, detect, refine))
-    return rows
-
-
-class _Refiner:
-    """``protect_image`` for a batch: with refinement, dlib's network is loaded once, on the
-    first photo that needs it."""
-
-    def __init__(self, steps: int, progress: bool):
-        self.steps, self.progress, self._rec = steps, progress, None
-
-    def __call__(self, image: Image.Image, perturbation: Perturbation, detect: bool) -> ProtectedPhoto:
-        if self.steps and self._rec is None:
-            from .refine import KnownRecognizer
-
-            self._rec = KnownRecognizer()
-        return protect_image(image, perturbation, detect, self.steps, recognizer=self._rec, progress=self.progress)
-
-
-def _protect_or_report(src: Path, dst: Path | None, error: str | None, perturbation: Perturbation,
-                       previous: dict, manifest: Path, pinfo: dict, settings: dict, quality: int, keep_exif: bool,
-                       no_face: str, detect: bool, refine: "_Refiner") -> dict:
-    """One photo of ``protect_files``: its manifest row; any failure becomes an ``error`` row."""
-    t0 = time.perf_counter()
-    row = {"input": str(src), "target": None if dst is None else str(dst), "output": None, "status": "error",
-           "faces": 0, "boxes": [], **pinfo, "settings": settings, "format": None, "input_sha256": None,
-           "output_sha256": None, "output_bytes": None, "seconds": None, "error": error, "notes": [],
-           "crash": False, "resumed": False}
-    if error is None:
-        try:
-            row = _protect_one(src, dst, row, perturbation, previous.get(str(dst)), manifest, quality,
-                               keep_exif, no_face, detect, t0, refine)
-        except ProtectError as e:
-            row.update(status="error", output=None, output_sha256=None, output_bytes=None, error=str(e))
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
-            log.exception("unexpected error on %s", src)
-            row.update(status="error", output=None, output_sha256=None, output_bytes=None, crash=True,
-                       error=f"internal error ({type(e).__name__}: {' '.join(str(e).split())})")
-    if row["status"] == "error":
-        row["seconds"] = round(time.perf_counter() - t0, 4)
-        log.warning("%s: %s", src, row["error"])
-        _append(manifest, row)
-    return row
-
-
-def _done_before(prev: dict | None, dst: Path, row: dict) -> bool:
-    """Did an earlier run finish this photo with the same input, perturbation and settings, and
-    is its output still there, unchanged?"""
-    if not prev or prev.get("status") not in DONE or prev.get("input_sha256") != row["input_sha256"]:
-        return False
-    if prev.get("perturbation_sha256") != row["perturbation_sha256"] or prev.get("settings") != row["settings"]:
-        return False
-    if prev["status"] == "no-face":
-        return True
-    return _same_file(dst, prev)
-
-
-def _same_file(dst: Path, prev: dict | None) -> bool:
-    """Is ``dst`` the very file the manifest row ``prev`` recorded (size and sha256)?"""
-    return (prev is not None and bool(prev.get("output_sha256")) and dst.is_file()
-            and dst.stat().st_size == prev.get("output_bytes") and sha256_file(dst) == prev["output_sha256"])
-
-
-def _protect_one(src: Path, dst: Path, row: dict, perturbation: Perturbation, prev: dict | None, manifest: Path,
-                 quality: int, keep_exif: bool, no_face: str, detect: bool, t0: float, refine: "_Refiner") -> dict:
-    try:
-        in_sha = sha256_file(src)
-    except OSError as e:
-        raise ProtectError(f"cannot read the file: {e.strerror or e}") from None
-    row["input_sha256"] = in_sha
-    if _done_before(prev, dst, row):
-        return {**prev, "resumed": True}
-    if dst.exists() and not _same_file(dst, prev):
-        raise ProtectError(f"{dst} already exists and was not written by toap protect: not overwritten")
-    img, source = open_photo(src)
-    res = refine(img, perturbation, detect)
-    row.update(format=_WRITABLE[source.format], faces=len(res.boxes), boxes=[list(b) for b in res.boxes],
-               notes=source.notes + res.notes)
-    if source.format == "MPO":
-        row["notes"].append("multi-picture JPEG: the first picture was written")
-    if keep_exif and source.format in ("BMP",):
-        row["notes"].append("BMP cannot store EXIF")
-    if not res.faces_found and no_face == "skip":
-        row.update(status="no-face", seconds=round(time.perf_counter() - t0, 4))
-        _append(manifest, row)
-        return row
-    row["status"] = "protected" if res.faces_found else "copied"
-    row["output"] = str(dst)
-
-    def record(sha: str, size: int) -> None:
-        row.update(output_sha256=sha, output_bytes=size, seconds=round(time.perf_counter() - t0, 4))
-        _append(manifest, row)  # before the final name: a kill leaves no output without its row
-
-    try:
-        _write_atomic(dst, lambda f: _save(res.image, f, source, quality, keep_exif), record)
-    except OSError as e:
-        raise ProtectError(f"cannot write {dst}: {e.strerror or e}") from None
-    return row
-
-
-def summarize(rows: list[dict], out_dir: str | Path | None = None) -> str:
-    """One paragraph for people: counts per outcome, and each failed file with its reason."""
-    count = {s: sum(r["status"] == s and not r.get("resumed") for r in rows)
-             for s in ("protected", "copied", "no-face", "error")}
-    resumed = sum(bool(r.get("resumed")) for r in rows)
-    faces = sum(r["faces"] for r in rows if r["status"] == "protected" and not r.get("resumed"))
-    parts = [f"{count['protected']} protected ({faces} faces)"]
-    if count["copied"]:
-        parts.append(f"{count['copied']} copied without a face")
-    if count["no-face"]:
-        parts.append(f"{count['no-face']} left out (no face found)")
-    if resumed:
-        parts.append(f"{resumed} already done by an earlier run")
-    parts.append(f"{count['error']} failed")
-    where = f"; output in {out_dir}" if out_dir else ""
-    lines = [f"{len(rows)} photo{'s' * (len(rows) != 1)}: " + ", ".join(parts) + where]
-    lines += [f"  failed: {r['input']}: {r['error']}" for r in rows if r["status"] == "error"]
-    lines += [f"  no face: {r['input']}" for r in rows if r["status"] == "no-face" and not r.get("resumed")]
-    return "\n".join(lines)
 
 
 def face_crop(image: Image.Image, size: int = 112) -> tuple[torch.Tensor, bool]:
