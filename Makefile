@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: install browser demo test lab book artifacts bench results clean
+.PHONY: install browser demo test lab book student artifacts bench results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ lab: install  ## JupyterLab on the notebooks
 book: install  ## execute every notebook at full size and render the course to book/index.html
 	$(BIN)/python docs/build_book.py --out book
 
+student: install  ## the student copy of the course into student/ (nbgrader's release: solutions stubbed, outputs cleared, checks locked)
+	$(BIN)/python docs/make_student.py --out student
+
 artifacts: install  ## retrain everything the repo ships, from scratch, one seed (hours on 2 cores)
 	$(BIN)/python -m toap_kit.artifacts all --force
 
@@ -51,4 +54,4 @@ results: install  ## TOAP's results table and figures into results/ (see README;
 	$(BIN)/python -m toap_kit.bench toap
 
 clean:
-	rm -rf outputs .pytest_cache book
+	rm -rf outputs .pytest_cache book student

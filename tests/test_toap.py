@@ -120,3 +120,13 @@ def test_fit_on_cuda_returns_a_cpu_perturbation_and_leaves_the_models_where_they
     p = attack.fit(x, y)
     assert p.delta.device.type == "cpu" and p.card["device"].startswith("cuda")
     assert next(models["vgg_dpsh_32"].parameters()).device.type == "cpu"
+
+
+def test_one_tier_vocabulary():
+    """Issue 20: the five tier ids, their labels and one-line words come from one place."""
+    assert tuple(toap.TIER_LABELS) == tuple(toap.TIER_WORDS) == toap.TIERS
+    assert len(set(toap.TIER_LABELS.values())) == len(toap.TIERS)
+    assert all(isinstance(w, str) and w for w in toap.TIER_WORDS.values())
+    assert {toap.threat_tier(s, v) for s, v in ((["vgg_dpsh_32"], "vgg_dpsh_32"), (["vgg_dpsh_32"], "vgg_csq_64"),
+                                                 (["vgg_dpsh_32"], "dlib_itq_32"), ([toap.DLIB_SURROGATE], "dlib_itq_64"),
+                                                 ([toap.DLIB_DESCRIPTOR], "vgg_csq_64"))} == set(toap.TIERS)

@@ -26,8 +26,9 @@ Which module does what (one room per concept):
                   surrogates, alternation with the CG; threat tiers.
 - ``refine``      protection against a known recognizer (dlib's network): per-photo refinement
                   (``refine_faces``, ``toap protect --refine``) and the dlib-first universal ladder.
-- ``protect``     protect your own photos (every face, full resolution, metadata stripped, resumable
-                  batches); the ``toap`` command is ``cli``.
+- ``protect``     protect one photo (every face, full resolution, metadata stripped, format kept).
+- ``batch``       protect files and folders: resumable, atomic, one writer at a time, the manifest;
+                  the ``toap`` command is ``cli``.
 - ``engine``      the face search engine over the shipped database (``Engine``), the database
                   codes of every zoo model (shipped: ``db_codes``), used by ``verify`` and the demo.
 - ``verify``      what a platform's copy of a protected photo gives away, engine by engine.
@@ -35,12 +36,15 @@ Which module does what (one room per concept):
 - ``plots``       figures: face grids and retrieval galleries.
 - ``demo``        the Gradio app's Blocks (``build_demo()``).
 - ``results``     TOAP's results run (``make results``): every method x victim x real post-processing
-                  x threat setting with its threat tier, photo rows, trade-off, limits, targets.
+                  x threat setting with its threat tier, photo rows, trade-off, limits.
+- ``report``      the words and tables made from ``results/toap.json``: the targets, ``toap.md``,
+                  the README's generated blocks and their check (``check_readme``).
+- ``exercises``   the course's checked exercises: ``solved`` turns an unsolved stub into a clear failure.
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import (attacks, cg, data, diffproc, engine, evaluate, hashing, models, odd_inputs, perturbation, plots, postprocess,
-               protect, recognizer, refine, results, retrieval, store, teacher, toap, verify, zoo)
+from . import (attacks, batch, cg, data, diffproc, engine, evaluate, exercises, hashing, models, odd_inputs, perturbation, plots, postprocess,
+               protect, recognizer, refine, report, results, retrieval, store, teacher, toap, verify, zoo)
 from .config import Config, device, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
@@ -55,8 +59,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
     "TOAPConfig", "TrainConfig",
-    "attacks", "build_model", "cg", "data", "device", "diffproc", "engine", "evaluate", "hamming_distance", "hashing", "load_faceset", "load_folder",
+    "attacks", "batch", "build_model", "cg", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "perturbation",
-    "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
+    "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "report", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
     "toap", "train_hash_model", "verify", "zoo",
 ]

@@ -20,8 +20,10 @@ from the surrogates on the perturbation's card:
   per-photo table (``per_photo``): each shipped example photo x strength x {universal, refined}
   x dlib engine, the person's photos in the top 10 before and after Facebook's profile.
 
-Outputs in ``results/``: ``toap.json`` (everything), ``toap.csv`` (the rows), ``toap.md`` (the
-README's tables) and figures (``tradeoff.png``, ``robustness.png``).
+Outputs in ``results/``: ``toap.json`` (everything), ``toap.csv`` (the rows) and figures
+(``tradeoff.png``, ``robustness.png``); a full run also writes its headline numbers into the shipped
+cards (``annotate_cards``). The words and tables made from ``toap.json`` (the targets, ``toap.md``,
+the README's generated blocks and their check) are ``toap_kit.report``'s.
 """
 from __future__ import annotations
 
@@ -47,9 +49,8 @@ from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
 __all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS",
-           "Purified", "annotate_cards", "figures", "limits", "markdown", "merge", "per_photo", "per_photo_sentence",
-           "targets_known",
-           "photo_rows", "protect_photo", "readme_block", "refined", "reuse_rows", "run", "update_readme", "targets", "tradeoff", "write"]
+           "Purified", "annotate_cards", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
+           "refined", "reuse_rows", "run", "tradeoff", "write"]
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
@@ -289,22 +290,6 @@ def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identitie
                                  "hits_after": hits(m.encode(crop), vn, label_of[name]),
                                  "psnr": evaluate.psnr(q, q0), "seconds": seconds})
     return rows
-
-
-def per_photo_sentence(result: dict, engine: str = "dlib_itq_32", strength: str = "mid") -> str:
-    """One sentence on how many shipped example photos leave ``engine``'s top 10 after the
-    profile, universal vs refined, from a results run's ``per_photo`` rows ("" if it has none)."""
-    rows = [r for r in result.get("per_photo", []) if r["engine"] == engine and r["strength"] == strength]
-    ways = {w: [r for r in rows if r["way"] == w] for w in ("universal", "refined")}
-    if not rows or not all(ways.values()):
-        return ""
-    out = {w: sum(r["hits_after"] < 0.5 for r in rs) for w, rs in ways.items()}
-    n, prof = len(ways["refined"]), rows[0]["profile"]
-    before = sum(r["hits_before"] >= 0.5 for r in ways["refined"])
-    return (f"Measured on the {n} shipped example photos (`make results`): after the {prof} profile, "
-            f"{engine} finds the person in its top 10 for {before} of {n} originals; protected at {strength} "
-            f"strength, {out['universal']} of {n} leave its top 10 with the universal perturbation and "
-            f"{out['refined']} of {n} with the per-photo refinement.")
 
 
 # ------------------------------------------------------------------ rows
@@ -613,165 +598,15 @@ def merge(parts: Sequence[dict]) -> dict:
     return out
 
 
-# ------------------------------------------------------------------ targets, tables, figures
+# ------------------------------------------------------------------ drops, figures, files
 def _mean(rows: list[dict], **match) -> float:
+    """The mean relative drop of the rows that match (nan if none); ``report`` reads with it too."""
     vals = [r["rel_drop"] for r in rows if all(r.get(k) == v for k, v in match.items())]
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def targets(result: dict) -> list[dict]:
-    """Issue 11's targets (eps 8/255, query setting), each with its measured value and whether
-    it is met. A missed target is reported, never loosened."""
-    rows, out = result["rows"], []
-    q = {"setting": "query"}
-
-    def add(name: str, value: float, goal: str, ok: bool) -> None:
-        out.append({"target": name, "measured": value, "goal": goal, "met": bool(ok)})
-
-    cb = {**q, "tier": "cnn-blackbox"}
-    t75, u75 = _mean(rows, perturbation="toap-mid-cnn", post="jpeg:75", **cb), _mean(rows, perturbation="uap-mid-cnn", post="jpeg:75", **cb)
-    tfb, ufb = _mean(rows, perturbation="toap-mid-cnn", post="facebook", **cb), _mean(rows, perturbation="uap-mid-cnn", post="facebook", **cb)
-    add("cnn-blackbox: mean victim mAP after JPEG q75, x clean (toap-mid-cnn)", 1 - t75, "<= 0.35", 1 - t75 <= 0.35)
-    add("cnn-blackbox: TOAP - UAP relative drop, JPEG q75", t75 - u75, ">= 0.20", t75 - u75 >= 0.20)
-    add("cnn-blackbox: TOAP - UAP relative drop, facebook", tfb - ufb, ">= 0.10", tfb - ufb >= 0.10)
-    eb = {**q, "tier": "engine-blackbox", "post": "jpeg:75"}
-    te, ue = _mean(rows, perturbation="toap-mid-cnn", **eb), _mean(rows, perturbation="uap-mid-cnn", **eb)
-    add("engine-blackbox: TOAP relative drop after JPEG q75 (toap-mid-cnn)", te, f">= max(0.42, 2 x UAP = {2 * ue:.3f})",
-        te >= max(0.42, 2 * ue))
-    kb = {**q, "tier": "engine-known-backbone", "perturbation": "toap-mid"}
-    for post, goal in (("jpeg:75", 0.85), ("facebook", 0.85), ("resize:0.5", 0.70)):
-        worst = min((r["rel_drop"] for r in rows if all(r.get(k) == v for k, v in {**kb, "post": post}.items())), default=float("nan"))
-        add(f"engine-known-backbone: worst dlib engine, {post} (toap-mid)", worst, f">= {goal}", worst >= goal)
-    photo = [r["rel_drop"] for r in rows if r["post"].startswith("photo:") and all(r.get(k) == v for k, v in kb.items())]
-    worst = min(photo, default=float("nan"))
-    add("engine-known-backbone: worst end-to-end photo row (toap-mid)", worst, ">= 0.80", worst >= 0.80)
-    for toap_name, uap_name in (("toap-mid-cnn", "uap-mid-cnn"), ("toap-mid", "uap-mid")):
-        for victim in sorted({r["victim"] for r in rows if r["role"] == "victim"}):
-            base = {**q, "victim": victim}
-            u0, t0 = _mean(rows, perturbation=uap_name, post="none", **base), _mean(rows, perturbation=toap_name, post="none", **base)
-            for post in sorted({r["post"] for r in rows if r["post"] not in ("none",) and not r["post"].startswith("photo:")}):
-                u, t = _mean(rows, perturbation=uap_name, post=post, **base), _mean(rows, perturbation=toap_name, post=post, **base)
-                if np.isfinite(u) and u0 - u >= 0.10:
-                    add(f"robustness: {toap_name} vs {uap_name} on {victim}, {post} (UAP loses {u0 - u:.2f})",
-                        t0 - t, f"<= {(u0 - u) / 2:.3f}", t0 - t <= (u0 - u) / 2)
-    for name in ("toap-mid", "toap-mid-cnn"):
-        ps = [r["psnr"] for r in rows if r["perturbation"] == name and r["post"] == "none" and r["setting"] == "query"]
-        ss = [r["ssim"] for r in rows if r["perturbation"] == name and r["post"] == "none" and r["setting"] == "query"]
-        if ps:
-            add(f"quality: PSNR of {name} (dB)", min(ps), ">= 32", min(ps) >= 32)
-            add(f"quality: SSIM of {name}", min(ss), ">= 0.90", min(ss) >= 0.90)
-    return out + targets_known(result)
-
-
-def targets_known(result: dict) -> list[dict]:
-    """Issue 18's targets (engine-known-backbone, query setting, eps 8/255): the refinement
-    (``REFINED``) and the dlib-first universal ``toap-mid``, worst dlib engine each."""
-    rows, out = result["rows"], []
-    kb = {"setting": "query", "tier": "engine-known-backbone"}
-
-    def worst(pname: str, post: str, key: str = "rel_drop") -> float:
-        vals = [r[key] for r in rows if r["perturbation"] == pname and r["post"] == post
-                and all(r.get(k) == v for k, v in kb.items())]
-        return min(vals) if vals else float("nan")
-
-    def add(name: str, value: float, goal: float) -> None:
-        if np.isfinite(value):
-            out.append({"target": name, "measured": value, "goal": f">= {goal}", "met": bool(value >= goal)})
-
-    for post, goal in (("jpeg:75", 0.95), ("facebook", 0.95), ("resize:0.5", 0.85), ("photo:facebook", 0.90)):
-        add(f"engine-known-backbone: worst dlib engine, {post} ({REFINED}, issue 18)", worst(REFINED, post), goal)
-    add(f"quality: PSNR of {REFINED} (dB, issue 18)", worst(REFINED, "none", "psnr"), 35)
-    add(f"quality: SSIM of {REFINED} (issue 18)", worst(REFINED, "none", "ssim"), 0.93)
-    for post, goal in (("jpeg:75", 0.80), ("facebook", 0.80), ("resize:0.5", 0.65)):
-        add(f"engine-known-backbone: worst dlib engine, {post} (dlib-first toap-mid, issue 18)", worst("toap-mid", post), goal)
-    refined_photos = [r for r in result.get("per_photo", []) if r["way"] == "refined" and r["strength"] == "mid"]
-    if refined_photos:
-        left = sum(r["hits_after"] < 0.5 for r in refined_photos)
-        add(f"every shipped example photo leaves both dlib engines' top 10 after {refined_photos[0]['profile']} "
-            f"(refined mid; share of photo x engine)", left / len(refined_photos), 1.0)
-    return out
-
-
 HEADLINE_POSTS = ("none", "jpeg:75", "jpeg:50", "facebook", "resize:0.5", "photo:facebook")
-
-
-def _setting_table(rows: list[dict], setting: str) -> list[str]:
-    """Markdown lines: mean relative drop per tier x perturbation after ``HEADLINE_POSTS``."""
-    posts = [p for p in HEADLINE_POSTS if any(r["post"] == p and r["setting"] == setting for r in rows)]
-    lines = ["| tier | perturbation | " + " | ".join(posts) + " | PSNR | SSIM |", "|---|---|" + "---|" * (len(posts) + 2)]
-    keys = dict.fromkeys((r["tier"], r["perturbation"]) for r in rows if r["setting"] == setting)
-    for tier in toap.TIERS:
-        for t, pname in keys:
-            if t != tier:
-                continue
-            cells = [_mean(rows, tier=t, perturbation=pname, post=p, setting=setting) for p in posts]
-            ps = [r for r in rows if r["perturbation"] == pname and r["setting"] == setting and r["post"] == "none"]
-            lines.append(f"| {t} | {pname} | " + " | ".join("-" if np.isnan(c) else f"{c:.1%}" for c in cells)
-                         + f" | {np.mean([r['psnr'] for r in ps]):.1f} | {np.mean([r['ssim'] for r in ps]):.3f} |")
-    return lines
-
-
-def _per_photo_table(table: list[dict]) -> list[str]:
-    """Markdown lines: the per-photo table (person's photos in the top 10, original -> protected)."""
-    if not table:
-        return []
-    engines = sorted({r["engine"] for r in table})
-    lines = [f"**per photo** (the demo's example photos, after the {table[0]['profile']} profile): the person's "
-             "photos in the engine's top 10 (tie-aware expectation), original -> protected", "",
-             "| photo | strength | " + " | ".join(f"{w}, {e}" for w in ("universal", "refined") for e in engines) + " |",
-             "|---|---|" + "---|" * (2 * len(engines))]
-    for photo, strength in dict.fromkeys((r["photo"], r["strength"]) for r in table):
-        cells = [next((f"{r['hits_before']:.1f} -> {r['hits_after']:.1f}" for r in table if r["photo"] == photo
-                       and r["strength"] == strength and r["way"] == w and r["engine"] == e), "-")
-                 for w in ("universal", "refined") for e in engines]
-        lines.append(f"| {photo.replace('_', ' ')} | {strength} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def markdown(result: dict) -> str:
-    """The results' tables: mean relative mAP@all drop per tier x perturbation (query setting,
-    database setting in the second table), the targets, the per-photo table and the limits."""
-    rows = result["rows"]
-    lines = [f"{result['protocol']}; eps 8/255 unless named; mean relative mAP@all drop over the tier's victims "
-             f"(tie-aware); real codecs; `python -m toap_kit.bench toap` ({'fast' if result['fast'] else 'full'} run, "
-             f"{result['seconds'] / 60:.0f} min).", ""]
-    for setting in ("query", "database"):
-        lines += [f"**{setting} setting**", "", *_setting_table(rows, setting), ""]
-    lines += ["**targets (issues 11 and 18)**", "", "| target | measured | goal | met |", "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['measured']:.3f} | {t['goal']} | {'yes' if t['met'] else '**no**'} |"
-              for t in targets(result)]
-    per = _per_photo_table(result.get("per_photo", []))
-    lines += ["", *per] if per else []
-    lines += ["", "**limits (real-recognizer engines, query setting)**", "", "| engine | perturbation | victim | post | rel. drop |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['engine']} | {r['perturbation']} | {r['victim']} | {r['post']} | {r['rel_drop']:.1%} |"
-              for r in result["limits"]]
-    return "\n".join(lines) + "\n"
-
-
-README_BEGIN = "<!-- make results: begin (generated from results/toap.json by toap_kit.results.update_readme) -->"
-README_END = "<!-- make results: end -->"
-
-
-def readme_block(result: dict) -> str:
-    """What the README shows between ``README_BEGIN`` and ``README_END``: the query-setting table,
-    the per-photo table and the demo's sentence, all from ``result``."""
-    lines = [README_BEGIN, "", "**query setting**", "", *_setting_table(result["rows"], "query"), ""]
-    per = _per_photo_table(result.get("per_photo", []))
-    if per:
-        lines += [*per, "", per_photo_sentence(result), ""]
-    return "\n".join(lines + [README_END])
-
-
-def update_readme(result: dict, path: Path = RESULTS_DIR.parent / "README.md") -> bool:
-    """Replace the README's generated block with ``readme_block(result)`` (atomically); False if
-    the README has no such block."""
-    text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_BEGIN, 1)
-    _atomic(path, head + readme_block(result) + rest.split(README_END, 1)[1])
-    return True
+"""The post-processings of the cards' headline results (``annotate_cards``) and of ``report``'s tables."""
 
 
 def figures(result: dict, folder: Path) -> list[Path]:
@@ -828,7 +663,8 @@ def _atomic(path: Path, text: str) -> None:
 
 
 def write(result: dict, folder: Path = RESULTS_DIR) -> list[Path]:
-    """Write ``toap.json``, ``toap.csv``, ``toap.md`` and the figures into ``folder`` (atomically)."""
+    """Write ``toap.json``, ``toap.csv`` and the figures into ``folder`` (atomically; ``toap.md``
+    is ``report.write_markdown``'s)."""
     folder.mkdir(parents=True, exist_ok=True)
     _atomic(folder / "toap.json", json.dumps(result, indent=1))
     cols = ["method", "perturbation", "eps", "surrogates", "victim", "role", "tier", "setting", "post",
@@ -840,8 +676,7 @@ def write(result: dict, folder: Path = RESULTS_DIR) -> list[Path]:
         for r in result["rows"]:
             w.writerow({**r, "surrogates": "+".join(r["surrogates"])})
     tmp.replace(folder / "toap.csv")
-    _atomic(folder / "toap.md", markdown(result))
-    return [folder / n for n in ("toap.json", "toap.csv", "toap.md")] + figures(result, folder)
+    return [folder / n for n in ("toap.json", "toap.csv")] + figures(result, folder)
 
 
 def annotate_cards(result: dict, folder: Path | None = None) -> list[str]:

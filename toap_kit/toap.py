@@ -4,9 +4,12 @@
 The four parts [paper], each read concretely by the kit [kit]:
 
 1. **Robust objectives** from the variation pattern of the hash outputs after post-processing
-   (notebook 03 measures it: pre-sign outputs ``u`` shrink, flipped bits flip back):
+   (notebook 03 measures it: real JPEG from q90 to q30 barely moves a universal perturbation's
+   pre-sign outputs ``|u|`` and flips back few of its flipped bits; a down-up resize by 0.5 is
+   what weakens it, bringing more bits back):
    - ``margin``: every bit of ``u / s`` (``s`` = the surrogate's mean |u| on clean faces) sits
-     ``margin`` past the wrong side of the identity's anchor code, so shrinkage does not undo it;
+     ``margin`` past the wrong side of the identity's anchor code, so a post-processing has to
+     move ``u`` by more than the margin to bring a bit back;
    - ``consistency``: the per-bit Bernoulli of ``sigmoid(2 u / s)`` after the Compression
      Generator matches the one before it (KL), so what the CG does to the face keeps the bits;
    - ``feature``: cosine similarity of each surrogate's embedding (the small CNNs' distilled
@@ -52,7 +55,7 @@ from .data import load_faceset, make_protocol
 from .perturbation import Perturbation
 from .recognizer import RecognizerHash
 
-__all__ = ["DLIB_DESCRIPTOR", "DLIB_SURROGATE", "KNOWN_BACKBONE", "TIERS", "TOAP", "TOAPConfig", "consistency_term", "dlib_surrogate", "feature_term",
+__all__ = ["DLIB_DESCRIPTOR", "DLIB_SURROGATE", "KNOWN_BACKBONE", "TIERS", "TIER_LABELS", "TIER_WORDS", "TOAP", "TOAPConfig", "consistency_term", "dlib_surrogate", "feature_term",
            "load_surrogates", "margin_term", "threat_tier"]
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,25 @@ KNOWN_BACKBONE = (DLIB_SURROGATE, DLIB_DESCRIPTOR)
 """Surrogate names through which a protector uses dlib's network (the engines' backbone)."""
 
 TIERS = ("whitebox", "cnn-blackbox", "engine-blackbox", "engine-known-backbone", "cnn-teacher-known")
+"""The five threat tiers, from ``threat_tier``; every protection number the kit prints names one."""
+TIER_LABELS = MappingProxyType({
+    "whitebox": "white-box",
+    "cnn-blackbox": "black-box small CNN",
+    "engine-blackbox": "real engine black-box",
+    "engine-known-backbone": "real engine, known backbone",
+    "cnn-teacher-known": "small CNN, teacher known",
+})
+"""A short label per tier, for prose, tables and figures (the notebooks, the README, the demo)."""
+TIER_WORDS = MappingProxyType({
+    "whitebox": "the protector attacked this very engine",
+    "cnn-blackbox": "never seen: the protector used small CNNs only",
+    "engine-blackbox": "never seen, nor dlib's network",
+    "engine-known-backbone": "protector used dlib's network, not this engine's hash layer",
+    "cnn-teacher-known": "protector used dlib's network, this CNN's teacher",
+})
+"""What the protector knew about an engine, in one line per tier (the demo shows it beside each
+engine): dlib's network is the backbone of the kit's real engines, used by a protector only
+through its own hash layer or descriptor objective (``KNOWN_BACKBONE``)."""
 
 
 def threat_tier(surrogates: Sequence[str], victim: str) -> str:
