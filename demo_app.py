@@ -10,9 +10,10 @@ stops it cleanly: the uploads and results it kept are deleted.
 """
 import argparse
 import logging
+import os
+import shutil
 import signal
-
-from toap_kit.demo import MAX_UPLOAD, build_demo
+import tempfile
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,12 +21,24 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    # SIGTERM (a service manager's stop) stops the server like Ctrl-C, instead of killing the
-    # process with the uploads and results on disk
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    demo = build_demo()
-    # share=False: never a public gradio.live link; uploads above MAX_UPLOAD are refused
-    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
-    # launch returns on Ctrl-C or SIGTERM; close() also ends the open pages' streams, without which
-    # the server's shutdown, where Gradio deletes its cached files, waits for them and never runs
-    demo.close()
+    # Gradio's cache (uploads, and an empty temporary file its upload parser leaves for each
+    # upload) goes to a folder of this server's own, set before Gradio is imported, so that all
+    # of it is deleted when the server stops without touching another app's files
+    own_cache = "GRADIO_TEMP_DIR" not in os.environ
+    if own_cache:
+        os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="toap-demo-gradio-")
+    try:
+        from toap_kit.demo import MAX_UPLOAD, build_demo
+
+        # SIGTERM (a service manager's stop) stops the server like Ctrl-C, instead of killing the
+        # process with the uploads and results on disk
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        demo = build_demo()
+        # share=False: never a public gradio.live link; uploads above MAX_UPLOAD are refused
+        demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
+        # launch returns on Ctrl-C or SIGTERM; close() also ends the open pages' streams, without
+        # which the server's shutdown, where Gradio deletes its cached files, waits for them and never runs
+        demo.close()
+    finally:
+        if own_cache:
+            shutil.rmtree(os.environ.pop("GRADIO_TEMP_DIR"), ignore_errors=True)

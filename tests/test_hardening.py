@@ -1,10 +1,12 @@
 """Odd and bad inputs at the kit's entry points (issue 12, section 6): each class of failure the
 user study found is either handled correctly or refused with a clear error naming the culprit."""
 import json
+import os
 import runpy
 import signal
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -330,13 +332,17 @@ def test_demo_app_launches_without_sharing_and_with_an_upload_limit(monkeypatch)
 
     class FakeApp:
         def launch(self, **kwargs):
-            calls.append(kwargs)
+            cache = Path(os.environ["GRADIO_TEMP_DIR"])  # Gradio's cache: the server's own folder
+            assert cache.is_dir() and cache.name.startswith("toap-demo-gradio-")
+            (cache / "upload.jpg").write_bytes(b"x")
+            calls.append({**kwargs, "cache": cache})
 
         def close(self):
             calls.append("closed")
 
     monkeypatch.setattr(demo, "build_demo", lambda: FakeApp())
     monkeypatch.setattr(sys, "argv", ["demo_app.py", "--port", "7999"])
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     on_term = signal.getsignal(signal.SIGTERM)
     try:
         runpy.run_path(str(data.DATA_DIR.parent / "demo_app.py"), run_name="__main__")
@@ -347,3 +353,18 @@ def test_demo_app_launches_without_sharing_and_with_an_upload_limit(monkeypatch)
     assert calls[0]["share"] is False and calls[0]["server_port"] == 7999
     assert calls[0]["max_file_size"] == demo.MAX_UPLOAD == "20mb"
     assert calls[1:] == ["closed"], "closed once launch returns, so that Gradio deletes its files"
+    # its own cache folder is deleted whole at exit, with the empty files Gradio leaves per upload
+    assert not calls[0]["cache"].exists() and "GRADIO_TEMP_DIR" not in os.environ
+
+
+def test_demo_server_answers_parallel_requests_and_leaves_no_file():
+    """The real server (``demo_app.py``) under 2 parallel *Protect and search* requests through
+    gradio_client: none fails (each request writes its own files; issue 19, item 10), and once it
+    is stopped with SIGTERM nothing is left in its temporary folder: results, uploads and the
+    empty files Gradio's upload parser leaves (item 11)."""
+    from toap_kit import bench
+
+    r = bench.bench_demo_load(requests=2)
+    assert r["failed"] == 0, r["errors"]
+    assert r["stopped_with"] == 0, "the server stops cleanly on SIGTERM"
+    assert r["leftover_files"] == 0, f"files left after the server stopped: {r['leftover_where']}"
