@@ -35,8 +35,9 @@ test: install browser  ## unit tests + the notebooks (nbval), in fast mode
 lab: install  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks
 
-book: install  ## execute every notebook at full size and render the course to book/index.html
+book: install  ## execute every notebook at full size and render the course to book/ (committed; times in book/times.json)
 	$(BIN)/python docs/build_book.py --out book
+	$(BIN)/python docs/build_book.py --out book --times-table
 
 student: install  ## the student copy of the course into student/ (nbgrader's release: solutions stubbed, outputs cleared, checks locked)
 	$(BIN)/python docs/make_student.py --out student
@@ -54,4 +55,4 @@ results: install  ## TOAP's results table and figures into results/ (see README;
 	$(BIN)/python -m toap_kit.bench toap
 
 clean:
-	rm -rf outputs .pytest_cache book student
+	rm -rf outputs .pytest_cache student

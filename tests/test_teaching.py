@@ -1,0 +1,166 @@
+"""The instructor's guide (``docs/teaching.md``) states only what ``docs/teaching_numbers.py``
+prints: its generated blocks (levels per tier and the demo script from ``results/toap.json``, the
+lecture's cell times from ``book/times.json``, the lab's exercises from the notebooks) are
+current, the demo script has no number outside its block, and a number planted by hand fails."""
+import copy
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).parents[1]
+spec = importlib.util.spec_from_file_location("teaching_numbers", ROOT / "docs" / "teaching_numbers.py")
+tn = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tn)
+
+GUIDE = ROOT / "docs" / "teaching.md"
+SHIPPED = json.loads((ROOT / "results" / "toap.json").read_text())
+_BLOCKS = {}
+
+
+def _blocks() -> dict[str, str]:
+    """The guide's blocks rendered from the shipped sources (once: rendering reads every result row)."""
+    if not _BLOCKS:
+        _BLOCKS.update(tn.render(SHIPPED, tn.load_times()))
+    return _BLOCKS
+
+
+def _guide() -> str:
+    return GUIDE.read_text()
+
+
+def _block(text: str, name: str) -> str:
+    begin, end = tn.markers(name)
+    return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
+
+
+def _problems(name: str) -> list[str]:
+    return [p for p in tn.check(_guide(), _blocks(), skip=("lecture",))
+            if f"block {name!r}" in p]
+
+
+@pytest.mark.parametrize("name", ["levels", "demo"])
+def test_the_results_blocks_are_results_toap_json(name):
+    """The levels per tier and the demo script are ``results/toap.json``'s (``make results``
+    changes them: then run ``python docs/teaching_numbers.py --update``)."""
+    assert _problems(name) == []
+
+
+def test_the_lab_lists_the_notebooks_checked_exercises():
+    """The lab's table is the notebooks' nbgrader exercises (a new exercise: run --update)."""
+    assert _problems("lab") == []
+
+
+def test_the_lecture_times_are_book_times_json():
+    """The lecture's live cells exist in their chapters (by cell id), and their times are
+    ``book/times.json``'s once ``make book`` has written it."""
+    tn.lecture_block(None)  # raises when a lecture cell is no longer in its notebook
+    times = tn.load_times()
+    if times is None:
+        pytest.skip("book/times.json is not there yet (make book writes it): the lecture's times are not checked")
+    problems = tn.check(_guide(), {**_blocks(), "lecture": tn.lecture_block(times)})
+    assert [p for p in problems if "'lecture'" in p] == []
+    assert "not measured" not in _block(_guide(), "lecture"), "run python docs/teaching_numbers.py --update"
+
+
+def test_the_guide_states_no_number_by_hand():
+    """No number in the demo script outside its generated block, no percentage or dB anywhere
+    outside the blocks."""
+    problems = tn.check(_guide(), _blocks(), skip=tuple(tn.BLOCKS))
+    assert problems == []
+
+
+def test_every_number_of_the_demo_script_is_the_commands_output():
+    """The brief's check, literally: each number in the guide's demo script is printed by
+    ``python docs/teaching_numbers.py``."""
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "teaching_numbers.py")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    section = tn._section(_guide(), tn.DEMO_HEADING)
+    numbers = re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?: -> \d+(?:\.\d+)?)?", section)
+    assert numbers, "the demo script states the per-photo numbers"
+    missing = [n for n in numbers if n not in out]
+    assert not missing, f"the demo script states {missing}, which the command does not print"
+    plan = tn.demo_plan(SHIPPED)
+    for r in (plan["ref"][plan["success"]], plan["uni"][plan["failure"]]):
+        assert tn._pair(r) in section  # the photos it shows, with their rows
+
+
+def test_a_planted_number_fails():
+    text, blocks = _guide(), _blocks()
+    demo = _block(text, "demo")
+    plan = tn.demo_plan(SHIPPED)
+    pair = tn._pair(plan["uni"][plan["failure"]])  # e.g. "9.3 -> 9.1"
+    assert pair in demo
+    changed = pair.rsplit(" ", 1)[0] + " " + ("0.0" if not pair.endswith(" 0.0") else "1.0")
+    planted = text.replace(demo, demo.replace(pair, changed, 1))
+    problems = tn.check(planted, blocks, skip=("lecture",))
+    assert len(problems) == 1 and "'demo'" in problems[0] and "should read" in problems[0], problems
+
+    planted = text.replace("## 3. A 10-minute live demo\n", "## 3. A 10-minute live demo\n\nShow 4 photos.\n")
+    problems = tn.check(planted, blocks, skip=("lecture",))
+    assert len(problems) == 1 and "'4'" in problems[0] and "demo script" in problems[0], problems
+
+    planted = text.replace("**\"Protected means invisible.\"** It does not.",
+                           "**\"Protected means invisible.\"** It does not: 95% of searches still find you.")
+    problems = tn.check(planted, blocks, skip=("lecture",))
+    assert len(problems) == 1 and "'95%'" in problems[0], problems
+
+    begin, end = tn.markers("levels")
+    key = "query | engine-known-backbone | toap-mid | jpeg:75"
+    value = tn.report.claims(SHIPPED)[key]
+    levels = _block(text, "levels")
+    planted = text.replace(levels, levels.replace(value, "89.9%" if value != "89.9%" else "88.8%"))
+    assert any("'levels'" in p for p in tn.check(planted, blocks, skip=("lecture",)))
+    assert any("markers" in p for p in tn.check(text.replace(end, ""), blocks, skip=("lecture",)))
+
+
+def test_the_demo_script_follows_new_results():
+    """The script picks its photos from the rows by rule: new results that move the failure case
+    give another script, and the guide is reported stale until --update."""
+    plan = tn.demo_plan(SHIPPED)
+    changed = copy.deepcopy(SHIPPED)
+    for r in changed["per_photo"]:
+        if r["photo"] == plan["failure"] and r["way"] == "universal" and r["strength"] == tn.DEMO_STRENGTH:
+            r["hits_after"] = 0.0
+    new = tn.demo_plan(changed)
+    assert new["failure"] != plan["failure"]
+    assert any("'demo'" in p for p in tn.check(_guide(), {**_blocks(), "demo": tn.demo_block(changed)}, skip=("lecture",)))
+
+
+def test_the_lab_reads_exercises_and_the_lecture_reads_times(tmp_path):
+    src = tmp_path / "nb"
+    src.mkdir()
+    for prefix in {p for _, p, _, _ in tn.LECTURE}:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_markdown_cell("# t")]
+        for _, p, cid, _ in tn.LECTURE:
+            if p == prefix:
+                cell = nbformat.v4.new_code_cell("pass")
+                cell.id = cid
+                nb.cells.append(cell)
+        if prefix == "01":
+            task = nbformat.v4.new_markdown_cell("**Exercise 1 (checked): the Hamming distance.** Write it.")
+            sol = nbformat.v4.new_code_cell("def f():\n    pass")
+            sol.metadata["nbgrader"] = {"grade": False, "grade_id": "nb01-ex1-hamming", "solution": True}
+            chk = nbformat.v4.new_code_cell("pass")
+            chk.metadata["nbgrader"] = {"grade": True, "grade_id": "nb01-ex1-hamming-check", "points": 1, "solution": False}
+            nb.cells += [task, sol, chk]
+        nbformat.write(nb, src / f"{prefix}_chapter.ipynb")
+    exs = tn.exercises(src)
+    assert exs == [{"chapter": "01_chapter", "grade_id": "nb01-ex1-hamming", "check": "nb01-ex1-hamming-check",
+                    "points": 1, "title": "the Hamming distance"}]
+    assert "| 1 | 01 | `nb01-ex1-hamming` | the Hamming distance | lab |" in tn.lab_block(exs)
+    cid = tn.LECTURE[1][2]
+    times = {"mode": "full", "date": "2026-01-01T00:00:00", "machine": {"cores": 2},
+             "chapters": {"01_chapter": {"mode": "full", "seconds": 9.0,
+                                         "cells": [{"index": i + 1, "id": c, "seconds": 1.5 * (i + 1)}
+                                                   for i, c in enumerate(c for _, p, c, _ in tn.LECTURE if p == "01")]}}}
+    block = tn.lecture_block(times, src)
+    row = next(line for line in block.splitlines() if f"`{cid}`" in line)
+    assert row.endswith("| 1.5 s | 0.0 s |"), row
+    assert "full size, 2 CPU cores" in block
