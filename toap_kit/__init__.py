@@ -28,9 +28,12 @@ Which module does what (one room per concept):
                   (``refine_faces``, ``toap protect --refine``) and the dlib-first universal ladder.
 - ``protect``     protect one photo (every face, full resolution, metadata stripped, format kept).
 - ``batch``       protect files and folders: resumable, atomic, one writer at a time, the manifest;
-                  the ``toap`` command is ``cli``.
-- ``engine``      the face search engine over the shipped database (``Engine``), the database
-                  codes of every zoo model (shipped: ``db_codes``), used by ``verify`` and the demo.
+                  the ``toap`` command is ``cli`` (also the crawler: ``crawl_folder``, ``search_photo``).
+- ``index``       the face index: codes + metadata searched by Hamming distance on a backend named
+                  by a URI (``open_index``: FAISS in memory or a file, Milvus Lite, a Milvus server);
+                  exact top-k identical across backends, ties by lowest id; ``toap crawl``/``search``.
+- ``engine``      the face search engine over the shipped database (``Engine``, on an ``index``), the
+                  database codes of every zoo model (shipped: ``db_codes``), used by ``verify`` and the demo.
 - ``verify``      what a platform's copy of a protected photo gives away, engine by engine.
 - ``odd_inputs``  a corpus of bad or odd photo files, for the tests and ``bench protect``.
 - ``plots``       figures: face grids and retrieval galleries.
@@ -43,12 +46,13 @@ Which module does what (one room per concept):
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import (attacks, batch, cg, data, diffproc, engine, evaluate, exercises, hashing, models, odd_inputs, perturbation, plots, postprocess,
-               protect, recognizer, refine, report, results, retrieval, store, teacher, toap, verify, zoo)
+from . import (attacks, batch, cg, data, diffproc, engine, evaluate, exercises, hashing, index, models, odd_inputs, perturbation, plots,
+               postprocess, protect, recognizer, refine, report, results, retrieval, store, teacher, toap, verify, zoo)
 from .config import Config, device, seed_everything, setup
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
 from .hashing import ITQ, TrainConfig, make_objective, train_hash_model
+from .index import FaceIndex, open_index
 from .models import HashNet, build_model
 from .perturbation import Perturbation
 from .retrieval import HammingIndex, hamming_distance, mean_average_precision, pr_curve
@@ -57,10 +61,10 @@ from .toap import TOAP, TOAPConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
+    "Config", "FaceIndex", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
     "TOAPConfig", "TrainConfig",
-    "attacks", "batch", "build_model", "cg", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "load_faceset", "load_folder",
-    "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "perturbation",
+    "attacks", "batch", "build_model", "cg", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "index", "load_faceset", "load_folder",
+    "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "open_index", "perturbation",
     "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "report", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
     "toap", "train_hash_model", "verify", "zoo",
 ]

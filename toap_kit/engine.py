@@ -4,7 +4,9 @@ The database is the open-set protocol's database (``data.make_protocol`` with se
 photos of the evaluation identities, whom no shipped model, Compression Generator or
 perturbation ever saw, plus 2,000 one-photo distractors, all as ``DISPLAY`` x ``DISPLAY``
 face crops. Under each zoo model it is a table of binary codes searched by Hamming distance
-(``retrieval.HammingIndex``).
+through the kit's face index (``index.open_index("faiss")``: in memory, exact; every exact
+backend of ``toap_kit.index`` gives the same top k, ties broken by database row, lowest first;
+``toap crawl`` builds a persistent index of your own photos).
 
     >>> from toap_kit import engine
     >>> codes = engine.db_codes("dlib_itq_32")            # 2775 x 32 int8 in {-1, +1}: instant
@@ -33,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import retrieval, zoo
+from . import index as face_index
+from . import zoo
 from .config import OUTPUT_DIR
 from .data import DATA_DIR, check_pixels, load_faceset, make_protocol, retrieval_sets
 from .store import load_checked, read_card, save_with_card
@@ -195,11 +198,13 @@ class Engine:
         self.default_model = default
 
     @lru_cache(maxsize=None)
-    def _model_and_index(self, name: str) -> tuple[torch.nn.Module, retrieval.HammingIndex]:
+    def _model_and_index(self, name: str) -> tuple[torch.nn.Module, face_index.FaceIndex]:
+        """Model ``name`` and the database's codes under it in an in-memory exact index (row id =
+        row of ``sets.db_images``; metadata: the identity)."""
         m = model(name)
-        index = retrieval.HammingIndex(m.bits)
-        index.add(db_codes(name))
-        return m, index
+        ix = face_index.open_index("faiss", bits=m.bits, engine=name)
+        ix.add(db_codes(name), [{"identity": n} for n in self.db_names])
+        return m, ix
 
     def search(self, image: torch.Tensor, model_name: str, k: int = 10,
                identity: str | None = None) -> SearchResult:
@@ -209,11 +214,14 @@ class Engine:
             raise ValueError(f"unknown model {model_name!r}; choose one of {self.models}")
         image = check_pixels(image, "query image", ndim=(3,))
         m, index = self._model_and_index(model_name)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(index):
+            raise ValueError(f"k must be in 1..{len(index)}, got {k!r}")
         with torch.no_grad():
-            d, i = index.search(m.encode(image[None]), k)
-        names = [self.db_names[j] for j in i[0]]
+            hits = index.search(m.encode(image[None]), k)
+        i, d = hits.ids[0], hits.distances[0]
+        names = [self.db_names[j] for j in i]
         correct = None if identity is None else [n == identity for n in names]
-        return SearchResult(i[0].tolist(), d[0].tolist(), names, correct)
+        return SearchResult(i.tolist(), d.tolist(), names, correct)
 
     def query(self, n: int) -> tuple[torch.Tensor, str]:
         """Shipped query ``n`` (an integer; ``2.0`` is accepted, ``2.5`` is not): its image

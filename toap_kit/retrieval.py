@@ -268,6 +268,8 @@ class HammingIndex:
     results are re-sorted by (distance, index); the membership of a tie group cut by ``k`` is
     whatever FAISS returned. The numpy backend is the reference. This is a listing for
     search and galleries: no metric of the kit is computed from it (they are tie-aware).
+    The face index of the engine and of ``toap crawl`` (metadata, files, Milvus, ties cut by
+    lowest id on every backend) is ``toap_kit.index``; this class stays the course's small one.
     """
 
     def __init__(self, bits: int, backend: str = "faiss"):
