@@ -1,6 +1,6 @@
-"""The crawler (``toap crawl``, ``toap search``; toap_kit.cli): every face of a folder indexed with
-its source, a rerun that indexes nothing new, a changed file indexed again without duplicates,
-and a search with another photo of a person that finds that person first."""
+"""The crawler (``toap crawl``, ``toap search``; toap_kit.crawl, run by toap_kit.cli): every face
+of a folder indexed with its source, a rerun that indexes nothing new, a changed file indexed
+again without duplicates, and a search with another photo of a person that finds that person first."""
 import json
 import os
 import shutil
@@ -8,7 +8,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from toap_kit import cli
+from toap_kit import cli, crawl
 from toap_kit import index as X
 from toap_kit.data import DATA_DIR
 
@@ -55,7 +55,7 @@ def test_crawl_resume_and_search(backend, photos, tmp_path, capsys):
 
     # another photo of each person (a 112 x 112 crop of another LFW photo) finds that person first
     for p in PEOPLE:
-        r = cli.search_photo(DATA_DIR / "lfw158" / p / "03.jpg", uri, k=3)
+        r = crawl.search_photo(DATA_DIR / "lfw158" / p / "03.jpg", uri, k=3)
         best = r["faces"][0]["results"][0]
         assert r["faces"][0]["face_found"] and best["identity"] == p and best["source"] == f"{p}/01.jpg", (p, r)
         assert len(best["box"]) == 3 and 0 <= best["hamming"] <= 64

@@ -27,11 +27,15 @@ Which module does what (one room per concept):
 - ``refine``      protection against a known recognizer (dlib's network): per-photo refinement
                   (``refine_faces``, ``toap protect --refine``) and the dlib-first universal ladder.
 - ``protect``     protect one photo (every face, full resolution, metadata stripped, format kept).
-- ``batch``       protect files and folders: resumable, atomic, one writer at a time, the manifest;
-                  the ``toap`` command is ``cli`` (also the crawler: ``crawl_folder``, ``search_photo``).
+- ``batch``       protect files and folders: resumable, atomic, one writer at a time, the manifest.
+- ``cli``         the ``toap`` command (``protect``, ``verify``, ``crawl``, ``search``): arguments, output,
+                  exit codes.
 - ``index``       the face index: codes + metadata searched by Hamming distance on a backend named
                   by a URI (``open_index``: FAISS in memory or a file, Milvus Lite, a Milvus server);
-                  exact top-k identical across backends, ties by lowest id; ``toap crawl``/``search``.
+                  exact top-k identical across backends, ties by lowest id. Below it: ``index_core``
+                  (codes, ``Hits``, the ``FaceIndex`` interface), ``index_faiss``, ``index_milvus``.
+- ``crawl``       the crawler (``toap crawl``/``search``): ``crawl_folder`` indexes every face of a
+                  folder into an ``index``, resumably; ``search_photo`` lists a photo's faces' top k.
 - ``engine``      the face search engine over the shipped database (``Engine``, on an ``index``), the
                   database codes of every zoo model (shipped: ``db_codes``), used by ``verify`` and the demo.
 - ``verify``      what a platform's copy of a protected photo gives away, engine by engine.
@@ -46,9 +50,10 @@ Which module does what (one room per concept):
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import (attacks, batch, cg, data, diffproc, engine, evaluate, exercises, hashing, index, models, odd_inputs, perturbation, plots,
+from . import (attacks, batch, cg, crawl, data, diffproc, engine, evaluate, exercises, hashing, index, models, odd_inputs, perturbation, plots,
                postprocess, protect, recognizer, refine, report, results, retrieval, store, teacher, toap, verify, zoo)
 from .config import Config, device, seed_everything, setup
+from .crawl import crawl_folder, crawl_summary, search_photo
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
                    make_protocol, retrieval_sets)
 from .hashing import ITQ, TrainConfig, make_objective, train_hash_model
@@ -63,8 +68,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "FaceIndex", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
     "TOAPConfig", "TrainConfig",
-    "attacks", "batch", "build_model", "cg", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "index", "load_faceset", "load_folder",
+    "attacks", "batch", "build_model", "cg", "crawl", "crawl_folder", "crawl_summary", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "index", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "open_index", "perturbation",
-    "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "report", "results", "retrieval", "retrieval_sets", "seed_everything", "setup", "store", "teacher",
+    "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "report", "results", "retrieval", "retrieval_sets", "search_photo", "seed_everything", "setup", "store", "teacher",
     "toap", "train_hash_model", "verify", "zoo",
 ]

@@ -1,0 +1,211 @@
+"""The Milvus backend of the face index (see ``toap_kit.index``'s docstring): ``MilvusIndex`` on
+Milvus Lite (embedded, a ``.db`` path; codes as +-1 float vectors under the inner product) or on
+a Milvus server (binary vectors under ``HAMMING``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .index_core import FaceIndex, _check_bits
+
+__all__ = ["DEFAULT_COLLECTION", "MILVUS_MAX_LIMIT", "MilvusIndex"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COLLECTION = "faces"
+"""Milvus collection of the face rows; the ledger is ``<collection>_files``."""
+MILVUS_MAX_LIMIT = 16384
+"""Most results a Milvus server returns for one query (its ``topk`` limit)."""
+_INSERT_CHUNK = 10_000  # rows per Milvus insert (a gRPC message stays well under its size limit)
+_QUERY_CHUNK = 256      # queries per Milvus search call
+_NEXT_ID, _INFO = "/next_id", "/info"  # ledger keys of the index's own records (a relative path never starts with /)
+
+
+def _quote(ids: Iterable[int]) -> str:
+    return "[" + ",".join(str(int(i)) for i in ids) + "]"
+
+
+class MilvusIndex(FaceIndex):
+    """Milvus: Lite (embedded, ``server=False``, ``location`` a ``.db`` path) or a server.
+
+    Rows live in the collection ``collection``: ``id`` (INT64, the row id), ``code``,
+    ``source`` and ``identity`` (VARCHAR) and ``meta`` (JSON, the rest). On a server ``code`` is
+    a ``BINARY_VECTOR`` under ``HAMMING`` (``BIN_FLAT``, or ``BIN_IVF_FLAT`` with ``ivf``); on
+    Lite, a +-1 ``FLOAT_VECTOR`` under ``IP`` (``FLAT``, or ``IVF_FLAT``), d = (bits - ip) / 2.
+    The ledger and the index's own records (``/info``, ``/next_id``) live in
+    ``<collection>_files`` (a VARCHAR key, a JSON record, and the 2-d vector Milvus requires)."""
+
+    def __init__(self, location: str, bits: int | None, engine: str | None, *, server: bool, ivf: int | None,
+                 nprobe: int | None, collection: str, token: str | None, uri: str):
+        from pymilvus import MilvusClient
+
+        self.uri, self.server, self._coll, self._files = uri, server, collection, f"{collection}_files"
+        if not collection.replace("_", "a").isalnum() or not collection[0].isalpha():
+            raise ValueError(f"collection name must be letters, digits and _ starting with a letter, got {collection!r}")
+        if server:
+            self._max_limit = MILVUS_MAX_LIMIT
+            kw = {"token": token or os.environ.get("TOAP_MILVUS_TOKEN", "")}
+            target = location
+        else:
+            path = Path(location).expanduser().resolve()
+            if not path.exists() and bits is None:
+                raise FileNotFoundError(f"no index at {path}: give bits (and engine) to create one")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            target, kw = str(path), {}
+        self._client = MilvusClient(target, **kw)
+        c = self._client
+        if c.has_collection(self._coll):
+            for name in (self._coll, self._files):
+                c.load_collection(name)
+            info = self._ledger_get([_INFO]).get(_INFO)
+            if info is None:
+                raise ValueError(f"{uri}: collection {collection!r} is not a toap face index (no {_INFO} record)")
+            self._adopt_info(info, bits, engine)
+            if ivf is not None and ivf != self.info.get("ivf"):
+                raise ValueError(f"{uri} was built with ivf={self.info.get('ivf')}, not {ivf}")
+            if nprobe:
+                self.info["nprobe"] = nprobe
+            self._next = self._find_next(int(self._ledger_get([_NEXT_ID]).get(_NEXT_ID, {}).get("value", 0)))
+        else:
+            if bits is None:
+                raise FileNotFoundError(f"{uri}: no collection {collection!r}: give bits (and engine) to create one")
+            if nprobe and not ivf:
+                raise ValueError("nprobe is an option of an IVF index: give ivf=NLIST too")
+            self.bits, self.engine = _check_bits(bits), engine
+            self.info = self._new_info(self.bits, engine, "milvus-server" if server else "milvus-lite")
+            if ivf:
+                self.info.update(ivf=ivf, nprobe=nprobe or min(ivf, 16))
+            self._create()
+            self._next = 0
+            self._ledger_put({_INFO: self.info, _NEXT_ID: {"value": 0}})
+        self.exact = "ivf" not in self.info
+
+    def _create(self) -> None:
+        from pymilvus import DataType
+
+        c, ivf = self._client, self.info.get("ivf")
+        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("id", DataType.INT64, is_primary=True)
+        if self.server:
+            s.add_field("code", DataType.BINARY_VECTOR, dim=self.bits)
+        else:
+            s.add_field("code", DataType.FLOAT_VECTOR, dim=self.bits)
+        s.add_field("source", DataType.VARCHAR, max_length=4096)
+        s.add_field("identity", DataType.VARCHAR, max_length=1024)
+        s.add_field("meta", DataType.JSON)
+        p = c.prepare_index_params()
+        kind = ("BIN_IVF_FLAT" if ivf else "BIN_FLAT") if self.server else ("IVF_FLAT" if ivf else "FLAT")
+        p.add_index(field_name="code", index_type=kind, metric_type="HAMMING" if self.server else "IP",
+                    params={"nlist": int(ivf)} if ivf else {})
+        f = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        f.add_field("key", DataType.VARCHAR, is_primary=True, max_length=4096)
+        f.add_field("record", DataType.JSON)
+        f.add_field("v", DataType.FLOAT_VECTOR, dim=2)
+        pf = c.prepare_index_params()
+        pf.add_index(field_name="v", index_type="FLAT", metric_type="L2")
+        for name, schema, params in ((self._coll, s, p), (self._files, f, pf)):
+            c.create_collection(name, schema=schema, consistency_level="Strong")
+            # Lite answers the wait for an index build with "Method not implemented" (logged by its
+            # in-process gRPC server), and builds at once: no wait there
+            c.create_index(name, params, sync=self.server)
+            c.load_collection(name)
+
+    def _find_next(self, recorded: int) -> int:
+        """The next free row id: the recorded counter, past any row at or above it."""
+        nxt = recorded
+        while True:
+            rows = self._client.query(self._coll, filter=f"id >= {nxt}", output_fields=["id"], limit=MILVUS_MAX_LIMIT)
+            if not rows:
+                return nxt
+            nxt = max(int(r["id"]) for r in rows) + 1
+
+    def __len__(self) -> int:
+        if self.server:  # a server's row_count includes deleted rows until compaction
+            rows = self._client.query(self._coll, filter="", output_fields=["count(*)"])
+            return int(rows[0]["count(*)"])
+        return int(self._client.get_collection_stats(self._coll)["row_count"])
+
+    def _reserve(self, n: int) -> np.ndarray:
+        ids = np.arange(self._next, self._next + n, dtype=np.int64)
+        self._next += n
+        if n:
+            self._ledger_put({_NEXT_ID: {"value": self._next}})
+        return ids
+
+    def _vectors(self, codes: np.ndarray) -> list:
+        if self.server:
+            return [row.tobytes() for row in np.packbits(codes > 0, axis=1)]
+        return codes.astype(np.float32).tolist()
+
+    def _insert(self, codes, ids, meta) -> None:
+        for j in range(0, len(codes), _INSERT_CHUNK):
+            vec = self._vectors(codes[j:j + _INSERT_CHUNK])
+            rows = [{"id": int(i), "code": v, "source": str(m.get("source") or ""),
+                     "identity": str(m.get("identity") or ""),
+                     "meta": {k: x for k, x in m.items() if k not in ("source", "identity")}}
+                    for i, v, m in zip(ids[j:j + _INSERT_CHUNK], vec, meta[j:j + _INSERT_CHUNK])]
+            self._client.insert(self._coll, rows)
+
+    def _delete(self, ids) -> None:
+        for j in range(0, len(ids), 1000):
+            self._client.delete(self._coll, filter=f"id in {_quote(ids[j:j + 1000])}")
+
+    def _raw_search(self, codes, limit):
+        params = {"metric_type": "HAMMING" if self.server else "IP"}
+        if not self.exact:
+            params["params"] = {"nprobe": int(self.info["nprobe"])}
+        ds, ids = [], []
+        for j in range(0, len(codes), _QUERY_CHUNK):
+            chunk = codes[j:j + _QUERY_CHUNK]
+            res = self._client.search(self._coll, data=self._vectors(chunk), limit=limit, search_params=params,
+                                      anns_field="code", output_fields=[])
+            d = np.full((len(chunk), limit), 0.0)
+            i = np.full((len(chunk), limit), -1, np.int64)
+            for r, hits in enumerate(res):
+                i[r, :len(hits)] = [h["id"] for h in hits]
+                d[r, :len(hits)] = [h["distance"] for h in hits]
+            if not self.server:  # inner product of +-1 vectors: d = (L - ip) / 2
+                d = (self.bits - d) / 2
+            if np.abs(d - np.rint(d)).max(initial=0) > 1e-3:
+                raise RuntimeError(f"{self.uri}: the backend returned non-integer Hamming distances")
+            ds.append(np.rint(d).astype(np.int64))
+            ids.append(i)
+        return np.concatenate(ds), np.concatenate(ids)
+
+    def _meta(self, ids) -> dict[int, dict]:
+        ids, out = list(ids), {}
+        for j in range(0, len(ids), 1000):
+            for r in self._client.get(self._coll, ids=ids[j:j + 1000], output_fields=["source", "identity", "meta"]):
+                m = dict(r.get("meta") or {})
+                for key in ("source", "identity"):
+                    if r.get(key):
+                        m[key] = r[key]
+                out[int(r["id"])] = m
+        return out
+
+    def _ledger_get(self, keys) -> dict[str, dict]:
+        if not keys:
+            return {}
+        rows = self._client.get(self._files, ids=list(keys), output_fields=["record"])
+        return {r["key"]: r["record"] for r in rows}
+
+    def _ledger_put(self, records) -> None:
+        self._client.upsert(self._files, [{"key": k, "record": r, "v": [0.0, 0.0]} for k, r in records.items()])
+
+    def save(self, path=None) -> None:
+        """Flush what was added (Milvus persists by itself; ``path`` is not used)."""
+        if path is not None:
+            raise ValueError("a Milvus index lives at its URI: save() takes no path")
+        self._client.flush(self._coll)
+        self._client.flush(self._files)
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception as e:  # noqa: BLE001 - closing must not hide the real error
+            log.debug("closing %s: %s", self.uri, e)
