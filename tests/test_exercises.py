@@ -27,7 +27,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-CONVERTED = ["06_toap_three_in_one", "08_protect_your_photos"]
+CONVERTED = ["00_setup_and_data", "01_deep_hash_retrieval", "02_attacking_deep_hashing",
+             "03_universal_perturbations_and_transfer", "04_postprocessing", "05_compression_generator",
+             "06_toap_three_in_one", "07_evaluation_and_osn_robustness", "08_protect_your_photos"]
 MIN_EXERCISES = 2
 
 spec = importlib.util.spec_from_file_location("make_student", ROOT / "docs" / "make_student.py")
