@@ -154,9 +154,12 @@ def _stamp(body: str, stem: str, digest: str, mode: str, seconds: float) -> str:
             f'<meta name="toap-mode" content="{mode}">\n'
             f"<!-- rendered from notebooks/{stem}.ipynb sha256={digest} by docs/build_book.py -->\n")
     body = body.replace("<head>", "<head>\n" + meta, 1) if "<head>" in body else meta + body
+    how = ("executed at full size in {t} by <code>make book</code>" if mode == "full" else
+           "executed in fast mode (TOAP_FAST=1, the tests' sizes: its numbers differ from the README's "
+           "full-size tables) in {t} by <code>docs/build_book.py --fast</code>; <code>make book</code> "
+           "renders it at full size").format(t=_fmt_seconds(seconds))
     note = (f'<p style="font:13px sans-serif;color:#555;margin:1em 2em">'
-            f'<a href="index.html">the course</a> &middot; executed at {"full size" if mode == "full" else "fast mode (TOAP_FAST=1)"} '
-            f"in {_fmt_seconds(seconds)} by <code>make book</code>; run it yourself with <code>make lab</code></p>")
+            f'<a href="index.html">the course</a> &middot; {how}; run it yourself with <code>make lab</code></p>')
     return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + note, body, count=1)
 
 
