@@ -36,6 +36,9 @@ Which module does what (one room per concept):
                   (codes, ``Hits``, the ``FaceIndex`` interface), ``index_faiss``, ``index_milvus``.
 - ``crawl``       the crawler (``toap crawl``/``search``): ``crawl_folder`` indexes every face of a
                   folder into an ``index``, resumably; ``search_photo`` lists a photo's faces' top k.
+- ``crowd``       a million strangers, simulated: a mixture of Gaussians fitted to the dlib engines' real
+                  distractor descriptors, hashed by each engine's own layer (``simulate_codes``), and
+                  its validation against the real 2,000 (``validate``; what it can and cannot show).
 - ``engine``      the face search engine over the shipped database (``Engine``, on an ``index``), the
                   database codes of every zoo model (shipped: ``db_codes``), used by ``verify`` and the demo.
 - ``verify``      what a platform's copy of a protected photo gives away, engine by engine.
@@ -50,7 +53,7 @@ Which module does what (one room per concept):
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import (attacks, batch, cg, crawl, data, diffproc, engine, evaluate, exercises, hashing, index, models, odd_inputs, perturbation, plots,
+from . import (attacks, batch, cg, crawl, crowd, data, diffproc, engine, evaluate, exercises, hashing, index, models, odd_inputs, perturbation, plots,
                postprocess, protect, recognizer, refine, report, results, retrieval, store, teacher, toap, verify, zoo)
 from .config import Config, device, seed_everything, setup
 from .crawl import crawl_folder, crawl_summary, search_photo
@@ -68,7 +71,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "FaceIndex", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
     "TOAPConfig", "TrainConfig",
-    "attacks", "batch", "build_model", "cg", "crawl", "crawl_folder", "crawl_summary", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "index", "load_faceset", "load_folder",
+    "attacks", "batch", "build_model", "cg", "crawl", "crawl_folder", "crowd", "crawl_summary", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "index", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "open_index", "perturbation",
     "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "report", "results", "retrieval", "retrieval_sets", "search_photo", "seed_everything", "setup", "store", "teacher",
     "toap", "train_hash_model", "verify", "zoo",
