@@ -178,3 +178,29 @@ def test_the_book_embeds_no_live_server_and_stays_light():
     assert not [p.name for p in pages if live.search(p.read_text())], "a page embeds a live server"
     size = sum(f.stat().st_size for f in BOOK.rglob("*") if f.is_file()) / 1e6
     assert size <= BOOK_BUDGET_MB, f"book/ is {size:.1f} MB, over its {BOOK_BUDGET_MB} MB budget"
+
+
+def test_pngs_are_shrunk_with_a_palette_and_nothing_else_changes():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:240, 0:320]
+    rgb = np.stack([xx * 255 / 319, yy * 255 / 239, (xx + yy) * 255 / 558], -1)
+    rgb = (rgb + np.random.default_rng(0).normal(0, 6, rgb.shape)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    broken = "iVBORw0KGgo" + "A" * 1200  # PNG magic, not a PNG
+    page = (f'<p>text</p><img src="data:image/png;base64,{b64}"/>'
+            f'<script>{{"image/png": "{b64}\\n", "x": "{broken}"}}</script>')
+    small = book.shrink_pngs(page)
+    assert len(small) < 0.8 * len(page)
+    found = re.findall(r"iVBORw0KGgo[A-Za-z0-9+/]+={0,2}", small)
+    assert len(found) == 3 and found[2] == broken  # both PNGs re-encoded, the broken one as it was
+    for b in found[:2]:
+        img = np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")).astype(int)
+        assert img.shape == rgb.shape and np.abs(img - rgb).mean() < 8
+    assert small.startswith('<p>text</p><img src="data:image/png;base64,') and '\\n", "x": ' in small
