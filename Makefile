@@ -45,11 +45,12 @@ student: install  ## the student copy of the course into student/ (nbgrader's re
 artifacts: install  ## retrain everything the repo ships, from scratch, one seed (hours on 2 cores)
 	$(BIN)/python -m toap_kit.artifacts all --force
 
-bench: install  ## the README's benchmark tables (about 40 min on 2 CPU cores)
+bench: install  ## the README's benchmark tables (about 70 min on 2 CPU cores)
 	$(BIN)/python -m toap_kit.bench retrieval
 	$(BIN)/python -m toap_kit.bench attacks
 	$(BIN)/python -m toap_kit.bench cg
 	$(BIN)/python -m toap_kit.bench protect
+	$(BIN)/python -m toap_kit.bench scale
 
 results: install  ## TOAP's results table and figures into results/ (see README; about an hour on 2 CPU cores)
 	$(BIN)/python -m toap_kit.bench toap

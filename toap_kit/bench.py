@@ -5,6 +5,7 @@
     python -m toap_kit.bench cg [--json]          # Compression Generator fidelity to real codecs
     python -m toap_kit.bench toap [--json]        # TOAP vs baselines, every tier (``make results``)
     python -m toap_kit.bench protect [--json]     # ``toap protect``/``verify`` speed, the odd-input corpus
+    python -m toap_kit.bench scale [--json]       # FAISS vs Milvus Lite to 1M codes; protection among 1M strangers
 
 Every number is measured on the shipped data with the shipped models, on the open-set
 protocol (``toap_kit.data.make_protocol``) unless a column says closed-set.
@@ -27,10 +28,11 @@ from . import attacks, cg, evaluate, postprocess, report, results, retrieval, te
 from .config import OUTPUT_DIR
 from .data import load_faceset, make_protocol, retrieval_sets
 from .hashing import ITQ
+from .bench_scale import PARTS as SCALE_PARTS, _print_scale, _tree_rss, bench_scale, run_scale
 from .perturbation import Perturbation
 
 __all__ = ["bench_attacks", "bench_cg", "bench_demo_load", "bench_index", "bench_models", "bench_protect",
-           "bench_retrieval", "bench_teacher", "bench_toap", "main"]
+           "bench_retrieval", "bench_scale", "bench_teacher", "bench_toap", "main"]
 
 
 def _metrics(q_codes, db_codes, sets, ties: str = "expected") -> retrieval.RetrievalResult:
@@ -257,23 +259,6 @@ def _photo(i: int, width: int, height: int):
 
 
 DEMO_APP = Path(__file__).resolve().parent.parent / "demo_app.py"
-
-
-def _tree_rss(proc) -> int:
-    """Resident bytes of a ``psutil.Process`` and all its descendants (0 for one that is gone)."""
-    import psutil
-
-    total = 0
-    try:
-        members = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for p in members:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
 
 
 def bench_demo_load(requests: int = 20, photo: str | Path | None = None, start_timeout_s: float = 600,
@@ -507,7 +492,7 @@ def _print_protect(r: dict) -> None:
 
 BENCHES = {"retrieval": (bench_retrieval, _print_retrieval), "attacks": (bench_attacks, _print_attacks),
            "cg": (bench_cg, _print_cg), "toap": (bench_toap, _print_toap),
-           "protect": (bench_protect, _print_protect)}
+           "protect": (bench_protect, _print_protect), "scale": (run_scale, _print_scale)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -515,10 +500,14 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=sorted(BENCHES))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--parts", nargs="+", choices=results.PARTS, help="toap: only these parts of the results run")
+    p.add_argument("--parts", nargs="+", choices=results.PARTS + SCALE_PARTS,
+                   help=f"toap: only these parts of the results run {results.PARTS}; scale: {SCALE_PARTS}")
     args = p.parse_args(argv)
     run, show = BENCHES[args.what]
-    result = run(args.parts) if args.what == "toap" else run()
+    wrong = set(args.parts or ()) - set({"toap": results.PARTS, "scale": SCALE_PARTS}.get(args.what, ()))
+    if wrong:
+        p.error(f"--parts {sorted(wrong)} is not a part of {args.what}")
+    result = run(args.parts) if args.what in ("toap", "scale") else run()
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -1,0 +1,402 @@
+"""``python -m toap_kit.bench scale [--json]``: the face index and the protection at scale (issue 21, item 4).
+
+Two measurements (``bench_scale``):
+
+1. **Backends** (``backends``): for each database size, the first ``n`` simulated strangers of
+   ``crowd.simulate_codes("dlib_itq_64", n, seed)`` (64-bit codes; crowds grow by prefix) go into
+   FAISS in memory (``open_index("faiss")``, exact) and into Milvus Lite (a ``.db`` in a temporary
+   folder; flushed). Per size and backend: ``build_s`` (open, add every code, and for Milvus
+   Lite the flush), ``rss_mb`` (growth of this process tree's resident memory over the build:
+   psutil, noisy, a lower bound where freed memory is reused), and the latency of ``n_queries``
+   single top-``k`` queries (``index.search`` of one code, metadata fetch included; queries:
+   ``simulate_codes(..., seed + 1)``), ``p50_ms`` / ``p95_ms``. ``identical_top_k`` says whether
+   both backends returned the same ids and distances on every query.
+
+2. **Protection** (``protection``): for each dlib engine, the database is **2k real + m
+   simulated**: the shipped open-set database codes (``engine.db_codes``: the evaluation
+   identities' 775 photos and 2,000 real distractors) plus the first ``m`` simulated strangers
+   (``crowd.simulate_codes(engine, m, seed)``, hashed by that engine's own layer). Queries: the
+   protocol's 174 query faces (``DISPLAY`` x ``DISPLAY`` crops), clean, and protected with the
+   shipped ``toap-mid`` perturbation (``Perturbation.apply``, no post-processing), encoded by the
+   engine. Per ``m`` and query kind: tie-aware ``map_all`` (mAP@all), ``p_10`` (P@10) and
+   ``median_first_rank``: the median over queries of the expected 1-based rank of the first true
+   match, ties in random order (a match in a tie group of ``n`` items holding ``r`` matches,
+   after ``s`` items, is expected at ``s + (n + 1) / (r + 1)``).
+
+   The metrics read full rows of distances (every database item), computed in chunks with
+   packed codes and popcount: since only the count of items and of true matches at each
+   Hamming distance matters to a tie-aware metric, each row is kept as two histograms, which is
+   what makes a million strangers cheap. ``check_m0`` compares the histogram metrics at m = 0
+   with ``retrieval.evaluate`` on the full distance matrix (they must agree to rounding).
+   The third query kind, ``refine-mid``, is each query face refined against dlib's network
+   (issue 18, ``toap protect --refine``: ``results.refined``, cached in ``outputs/results/refined``,
+   the same faces and cache as the results run's ``refine-mid`` rows).
+
+``python -m toap_kit.bench scale`` writes ``results/scale.json``, ``results/scale.png`` (the
+curves) and the README's tables (``update_readme``); ``--parts backends`` or ``--parts protection`` reruns one part and keeps the other's
+rows from the existing ``scale.json`` (each part records when it was measured).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import crowd, engine, results, retrieval, toap
+from . import index as face_index
+from .perturbation import Perturbation
+
+__all__ = ["PARTS", "PROTECTION_M", "README_BEGIN", "README_END", "bench_scale", "histogram_metrics", "markdown",
+           "readme_block", "run_scale", "scale_figure", "update_readme", "write_scale"]
+
+PARTS = ("backends", "protection")
+
+PROTECTION_M = (0, 10_000, 100_000, 1_000_000)
+"""Simulated strangers added to the 2k real database in the protection part."""
+_ADD_CHUNK = 50_000   # codes per add() call (a progress step)
+_DIST_CHUNK = 16_384  # database rows per distance block
+
+
+def _tree_rss(proc) -> int:
+    """Resident bytes of a ``psutil.Process`` and all its descendants (0 for one that is gone)."""
+    import psutil
+
+    total = 0
+    try:
+        members = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in members:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def _rss() -> int:
+    import psutil
+
+    return _tree_rss(psutil.Process(os.getpid()))
+
+
+# ---------------------------------------------------------------- backends
+def _done(row: dict) -> dict:
+    """Show a finished row on stderr (so a run cut short still tells what it measured)."""
+    tqdm.write("scale: " + json.dumps({k: v for k, v in row.items() if k != "check_m0"}), file=sys.stderr)
+    return row
+
+
+def _build(uri: str, codes: np.ndarray, label: str) -> tuple[face_index.FaceIndex, float, float]:
+    gc.collect()
+    before = _rss()
+    t = time.perf_counter()
+    ix = face_index.open_index(uri, bits=codes.shape[1], engine="dlib_itq_64")
+    for j in tqdm(range(0, len(codes), _ADD_CHUNK), desc=f"{label}: add", unit="chunk", leave=False):
+        ix.add(codes[j:j + _ADD_CHUNK])
+    if isinstance(ix, face_index.MilvusIndex):
+        ix.save()  # flush: durable
+    seconds = time.perf_counter() - t
+    return ix, seconds, (_rss() - before) / 2**20
+
+
+def _latency(ix: face_index.FaceIndex, queries: np.ndarray, k: int, label: str) -> tuple[np.ndarray, np.ndarray, list]:
+    ids, dists, ms = [], [], []
+    for q in tqdm(queries, desc=f"{label}: queries", leave=False):
+        t = time.perf_counter()
+        hits = ix.search(q[None], k)
+        ms.append((time.perf_counter() - t) * 1000)
+        ids.append(hits.ids[0])
+        dists.append(hits.distances[0])
+    return np.stack(ids), np.stack(dists), ms
+
+
+def _bench_backends(sizes, n_queries: int, k: int, seed: int) -> tuple[list[dict], float]:
+    t = time.perf_counter()
+    crowd_codes = crowd.simulate_codes("dlib_itq_64", max(sizes), seed)
+    simulate_s = time.perf_counter() - t
+    queries = crowd.simulate_codes("dlib_itq_64", n_queries, seed + 1)
+    rows = []
+    for n in sizes:
+        db = crowd_codes[:n]
+        found = {}
+        with tempfile.TemporaryDirectory(prefix="toap-bench-scale-") as tmp:
+            for backend, uri in (("faiss", "faiss"), ("milvus-lite", os.path.join(tmp, "scale.db"))):
+                label = f"{backend} {n:,}"
+                ix, build_s, rss_mb = _build(uri, db, label)
+                try:
+                    ids, dists, ms = _latency(ix, queries, k, label)
+                finally:
+                    ix.close()
+                    del ix
+                found[backend] = (ids, dists)
+                rows.append({"n_codes": n, "backend": backend, "build_s": build_s, "rss_mb": rss_mb,
+                             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                             "n_queries": len(queries), "k": k})
+        (fi, fd), (mi, md) = found["faiss"], found["milvus-lite"]
+        same = bool(np.array_equal(fi, mi) and np.array_equal(fd, md))
+        for r in rows[-2:]:
+            r["identical_top_k"] = same
+            _done(r)
+    return rows, simulate_s
+
+
+# ---------------------------------------------------------------- protection
+def _packed64(codes: np.ndarray) -> np.ndarray:
+    """Codes as one row of uint64 words each (bits zero-padded to a multiple of 64)."""
+    p = np.packbits(codes > 0, axis=1)
+    pad = -p.shape[1] % 8
+    p = np.concatenate([p, np.zeros((len(p), pad), np.uint8)], axis=1) if pad else p
+    return np.ascontiguousarray(p).view(np.uint64)
+
+
+def _histograms(q: np.ndarray, db: np.ndarray, bits: int, relevant: np.ndarray | None = None) -> np.ndarray:
+    """``Nq x (bits + 1)`` counts of database rows at each Hamming distance (only the rows
+    ``relevant[query]`` marks, when given: ``Nq x Ndb`` bool)."""
+    qp, out = _packed64(q), np.zeros((len(q), bits + 1), np.int64)
+    offsets = (np.arange(len(q)) * (bits + 1))[:, None]
+    for j in range(0, len(db), _DIST_CHUNK):
+        dp = _packed64(db[j:j + _DIST_CHUNK])
+        d = np.bitwise_count(qp[:, None, :] ^ dp[None, :, :]).sum(axis=2, dtype=np.int64)
+        idx = d + offsets
+        if relevant is not None:
+            idx = idx[relevant[:, j:j + _DIST_CHUNK]]
+        out += np.bincount(idx.ravel(), minlength=out.size).reshape(out.shape)
+    return out
+
+
+def histogram_metrics(all_hist: np.ndarray, rel_hist: np.ndarray, k: int = 10) -> dict:
+    """Tie-aware mAP@all, P@k and the median expected rank of the first true match from, per
+    query, the counts of database items (``all_hist``) and of true matches (``rel_hist``) at
+    each distance: the same expectations as ``retrieval``'s ``ties="expected"`` (queries without
+    a true match are skipped and counted)."""
+    keep = rel_hist.sum(1) > 0
+    a, r = all_hist[keep].astype(np.float64), rel_hist[keep].astype(np.float64)
+    m = int(all_hist[0].sum())
+    k = min(int(k), m)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, m + 1))])
+    s = np.cumsum(a, 1) - a                       # items ahead of each distance's group
+    big_r = np.cumsum(r, 1) - r                   # true matches ahead of it
+    n = np.maximum(a, 1)
+    si, ni = s.astype(np.int64), a.astype(np.int64)
+    h1 = harmonic[si + ni] - harmonic[si]
+    h2 = a - (s + 1) * h1
+    f = np.where(a > 1, (r - 1) / np.maximum(a - 1, 1), 0.0)
+    ap = (r / n * ((big_r + 1) * h1 + f * h2)).sum(1) / r.sum(1)
+    g = np.argmax(s + a >= k, axis=1)[:, None]    # the group holding place k
+    sg, ag, rg, bg = (np.take_along_axis(x, g, 1)[:, 0] for x in (s, a, r, big_r))
+    p_k = (bg + rg * (k - sg) / np.maximum(ag, 1)) / k
+    first = np.argmax(r > 0, axis=1)[:, None]
+    sf, af, rf = (np.take_along_axis(x, first, 1)[:, 0] for x in (s, a, r))
+    first_rank = sf + (af + 1) / (rf + 1)
+    return {"map_all": float(ap.mean()), f"p_{k}": float(p_k.mean()),
+            "median_first_rank": float(np.median(first_rank)), "n_queries": int(len(keep)),
+            "n_skipped": int((~keep).sum())}
+
+
+def _bench_protection(engines, ms, seed: int, perturbation: str, refine_steps: int | None) -> list[dict]:
+    sets = engine._database()[0]
+    pert = Perturbation.load(perturbation)
+    images = {"clean": sets.query_images, perturbation: pert.apply(sets.query_images),
+              results.REFINED: results.refined(sets.query_images, refine_steps, start=perturbation)}
+    surrogates = {perturbation: pert.card.get("surrogates", []), results.REFINED: [toap.DLIB_DESCRIPTOR]}
+    q_labels, db_labels = sets.query_labels.numpy(), sets.db_labels.numpy()
+    relevant = db_labels[None, :] == q_labels[:, None]
+    rows = []
+    for name in engines:
+        model = engine.model(name)
+        with torch.no_grad():
+            queries = {kind: model.encode(x).numpy().astype(np.int8) for kind, x in images.items()}
+        real = engine.db_codes(name)
+        bits = real.shape[1]
+        strangers = crowd.simulate_codes(name, max(ms), seed) if max(ms) else np.zeros((0, bits), np.int8)
+        for kind, q in queries.items():
+            rel_hist = _histograms(q, real, bits, relevant)
+            base = _histograms(q, real, bits)
+            check = retrieval.evaluate(retrieval.hamming_distance(q, real), q_labels, db_labels, k=100, p_k=10)
+            grown, done = base.copy(), 0
+            for m in tqdm(sorted(ms), desc=f"{name} {kind}: strangers", leave=False):
+                grown += _histograms(q, strangers[done:m], bits) if m > done else 0
+                done = max(done, m)
+                r = histogram_metrics(grown, rel_hist, 10)
+                tier = toap.threat_tier(surrogates[kind], name) if kind in surrogates else None
+                row = {"engine": name, "queries": kind, "tier": tier, "m": m, "db_size": len(real) + m, **r}
+                if m == 0:
+                    row["check_m0"] = {"map_all": check.map_all, "p_10": check.precision_k}
+                rows.append(_done(row))
+    return rows
+
+
+def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: int = 10, seed: int = 0,
+                protection_m=PROTECTION_M, engines=crowd.ENGINES, perturbation: str = "toap-mid",
+                refine_steps: int | None = None, parts=PARTS) -> dict:
+    """The measured ``parts`` (module docstring) as one dict (the ``--json`` contract):
+    ``backends`` (one row per size and backend) and ``protection`` (one row per engine, query
+    kind and ``m``; ``refine_steps``: the refinement's steps, default ``refine.DEFAULT_STEPS``);
+    a part not asked for is an empty list. ``measured`` gives each part's UTC time."""
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
+    torch.set_grad_enabled(False)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    out = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "seed": seed,
+           "crowd_model": crowd.DEFAULT_MODEL,
+           "database": "2k real + m simulated: the shipped open-set database (the evaluation identities' 775 "
+                       "photos + 2,000 real distractors) + the first m simulated strangers",
+           "perturbation": perturbation, "backends": [], "protection": [], "measured": {}, "seconds": {}}
+    if "backends" in parts:
+        t = time.perf_counter()
+        out["backends"], out["seconds"]["simulate_max_size"] = _bench_backends(sizes, n_queries, k, seed)
+        out["seconds"]["backends"], out["measured"]["backends"] = time.perf_counter() - t, now
+    if "protection" in parts:
+        t = time.perf_counter()
+        out["protection"] = _bench_protection(engines, protection_m, seed, perturbation, refine_steps)
+        out["seconds"]["protection"], out["measured"]["protection"] = time.perf_counter() - t, now
+    return out
+
+
+def scale_figure(r: dict):
+    """mAP@all and the median rank of the first true match against the database size (log x),
+    one panel pair per dlib engine, one line per query kind (clean, universal, refined)."""
+    import matplotlib.pyplot as plt
+
+    rows = r["protection"]
+    engines = list(dict.fromkeys(p["engine"] for p in rows))
+    fig, axes = plt.subplots(2, len(engines), figsize=(5.2 * len(engines), 6.4), squeeze=False)
+    for j, name in enumerate(engines):
+        for kind, style in zip(dict.fromkeys(p["queries"] for p in rows), ("o-", "s--", "^:", "d-.")):
+            pts = sorted((p["db_size"], p["map_all"], p["median_first_rank"]) for p in rows
+                         if p["engine"] == name and p["queries"] == kind)
+            xs, maps, ranks = zip(*pts)
+            axes[0, j].plot(xs, maps, style, label=kind)
+            axes[1, j].plot(xs, ranks, style, label=kind)
+        axes[0, j].set_title(f"{name}: mAP@all")
+        axes[0, j].set_ylabel("mAP@all (tie-aware)")
+        axes[1, j].set_title(f"{name}: where the person first appears")
+        axes[1, j].set_ylabel("median rank of the first true match")
+        axes[1, j].set_yscale("log")
+        for ax in axes[:, j]:
+            ax.set_xscale("log")
+            ax.set_xlabel("database size (faces: 2,775 real + simulated strangers)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    tiers = sorted({toap.TIER_LABELS[p["tier"]] for p in rows if p.get("tier")})
+    fig.suptitle(f"protection among up to {max(p['m'] for p in rows):,} simulated strangers\n"
+                 f"{rows[0]['n_queries']} protocol queries, no post-processing; tier: {', '.join(tiers)}")
+    fig.tight_layout()
+    return fig
+
+
+def write_scale(r: dict, folder: Path = results.RESULTS_DIR) -> list[Path]:
+    """``scale.json`` (a part ``r`` did not measure is kept from the existing file) and, when
+    protection rows exist, ``scale.png`` (``scale_figure``), atomically. Returns the paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "scale.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {**r, "measured": {**old.get("measured", {}), **r["measured"]},
+              "seconds": {**old.get("seconds", {}), **r["seconds"]}}
+    for part in PARTS:
+        if part not in r["measured"] and part in old:
+            merged[part] = old[part]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(path)
+    out = [path]
+    if merged["protection"]:
+        fig = scale_figure(merged)
+        png = folder / "scale.png"
+        fig.savefig(png.with_name("scale.tmp.png"), dpi=100)
+        plt.close(fig)
+        png.with_name("scale.tmp.png").replace(png)
+        out.append(png)
+    return out
+
+
+def run_scale(parts: list[str] | None = None) -> dict:
+    """``python -m toap_kit.bench scale [--parts ...]``: ``bench_scale`` at the README's sizes,
+    written to ``results/`` (``write_scale``) and into the README's tables (``update_readme``);
+    returns what was written (both parts)."""
+    r = bench_scale(parts=tuple(parts or PARTS))
+    write_scale(r)
+    merged = json.loads((results.RESULTS_DIR / "scale.json").read_text())
+    update_readme(merged)
+    return merged
+
+
+README_BEGIN = "<!-- bench scale: begin (generated from results/scale.json by toap_kit.bench_scale.update_readme) -->"
+README_END = "<!-- bench scale: end -->"
+
+
+def markdown(r: dict) -> str:
+    """The two tables of ``r`` (a ``bench_scale`` result): backends per size, and per engine and
+    query kind the metrics as the database grows (the README's block between its markers)."""
+    out = ["| codes | backend | build (s) | memory (MB) | p50 (ms) | p95 (ms) | top-k identical across backends |",
+           "|---|---|---|---|---|---|---|"]
+    for b in r["backends"]:
+        out.append(f"| {b['n_codes']:,} | {b['backend']} | {b['build_s']:.2f} | {b['rss_mb']:.0f} | {b['p50_ms']:.2f} | "
+                   f"{b['p95_ms']:.2f} | {'yes' if b['identical_top_k'] else 'NO'} ({b['n_queries']:,} queries, "
+                   f"top-{b['k']}) |")
+    rows = r["protection"]
+    if rows:
+        sizes = sorted({p["db_size"] for p in rows})
+        top = sizes[-1]
+        out += ["", f"| engine | queries | tier | mAP@all at {' / '.join(f'{n:,}' for n in sizes)} faces | "
+                    f"P@10 at {top:,} | median rank of the first true match at {sizes[0]:,} / {top:,} |",
+                "|---|---|---|---|---|---|"]
+        for (name, kind), group in _groups(rows).items():
+            by = {p["db_size"]: p for p in group}
+            tier = toap.TIER_LABELS[group[0]["tier"]] if group[0].get("tier") else "-"
+            maps = " / ".join(f"{by[n]['map_all']:.3f}" for n in sizes)
+            out.append(f"| `{name}` | {kind} | {tier} | {maps} | "
+                       f"{by[top]['p_10']:.3f} | {by[sizes[0]]['median_first_rank']:,.1f} / "
+                       f"{by[top]['median_first_rank']:,.1f} |")
+    return "\n".join(out)
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    for p in rows:
+        out.setdefault((p["engine"], p["queries"]), []).append(p)
+    return out
+
+
+def readme_block(r: dict) -> str:
+    """``markdown(r)`` between the README's markers."""
+    return f"{README_BEGIN}\n\n{markdown(r)}\n\n{README_END}"
+
+
+def update_readme(r: dict, path: Path = results.RESULTS_DIR.parent / "README.md") -> bool:
+    """Replace the README's block (``README_BEGIN`` ... ``README_END``) with ``readme_block(r)``
+    (atomically); False when the README has no such block."""
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(head + readme_block(r) + rest.split(README_END, 1)[1])
+    tmp.replace(path)
+    return True
+
+
+def _print_scale(r: dict) -> None:
+    when = r.get("measured", {})
+    kinds = ", ".join(dict.fromkeys(p["queries"] for p in r["protection"]))
+    print(f"face index at scale: 64-bit codes of simulated strangers (dlib_itq_64), {r['cpus']} CPUs; build = open + "
+          f"add (+ flush for Milvus Lite); measured {when.get('backends', '-')}.\nprotection: database = "
+          f"{r['database']}; the protocol's query faces ({kinds}), no post-processing; measured "
+          f"{when.get('protection', '-')}\n")
+    print(markdown(r))
+    print("\ntime (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()))
