@@ -111,9 +111,9 @@ def bench_index(n_codes: int = 1_000_000, n_queries: int = 64, bits: int = 64, k
     return out
 
 
+@torch.no_grad()
 def bench_retrieval() -> dict:
     """The whole retrieval benchmark as one dict (the ``--json`` contract)."""
-    torch.set_grad_enabled(False)
     return {"protocol": make_protocol(load_faceset("lfw158", 32), 2000).describe(),
             "models": bench_models(), "teacher": bench_teacher(), "index": bench_index()}
 
@@ -190,12 +190,12 @@ def _print_attacks(r: dict) -> None:
               + f" | {row[0]['psnr']:.1f} | {row[0]['ssim']:.3f} |")
 
 
+@torch.no_grad()
 def bench_cg(n_faces: int = 300) -> dict:
     """Fidelity of the shipped Compression Generator to the real codecs on ``n_faces``
     held-out faces (evaluation identities, 112x112), per JPEG quality 50..95 (Pillow, 4:2:0)
     and per platform profile: PSNR of CG(x), kornia's differentiable JPEG and x itself to
     real(x), and the share of hash bits (mean over every zoo model) that agree with real(x)."""
-    torch.set_grad_enabled(False)
     model = cg.load()
     x = cg.heldout_faces(112, n_faces)
     names = zoo.names()
@@ -381,6 +381,7 @@ def bench_demo_load(requests: int = 20, photo: str | Path | None = None, start_t
             "leftover_files": len(left), "leftover_where": where}
 
 
+@torch.no_grad()
 def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, folder_size: tuple = (1600, 1200)) -> dict:
     """``toap protect`` and ``toap verify`` on this machine (toap-mid), and the odd-input corpus.
 
@@ -404,7 +405,6 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
 
     from . import batch, odd_inputs, protect, verify
 
-    torch.set_grad_enabled(False)
     p = protect.load_perturbation()
     out: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "perturbation": p.card.get("name")}
     face = odd_inputs.shipped_photo(0).resize((112, 112), Image.LANCZOS)

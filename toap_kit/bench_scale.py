@@ -236,6 +236,7 @@ def _bench_protection(engines, ms, seed: int, perturbation: str, refine_steps: i
     return rows
 
 
+@torch.no_grad()
 def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: int = 10, seed: int = 0,
                 protection_m=PROTECTION_M, engines=crowd.ENGINES, perturbation: str = "toap-mid",
                 refine_steps: int | None = None, parts=PARTS) -> dict:
@@ -246,7 +247,6 @@ def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: in
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
-    torch.set_grad_enabled(False)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     out = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "seed": seed,
            "crowd_model": crowd.DEFAULT_MODEL,
