@@ -169,6 +169,17 @@ def test_the_book_says_its_size_and_is_timed():
         assert said in page, f"book/{p.stem}.html does not tell the reader its size"
 
 
+def test_the_readme_states_the_books_times():
+    """The README's Notebooks section states the chapter times of ``book/times.json`` in the words
+    ``docs/build_book.py --times-table`` prints, so a re-rendered book with old times in the README
+    fails here."""
+    sentence = book.times_table(BOOK).strip().splitlines()[-1]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert " ".join(sentence.split()) in readme, (
+        f"README.md does not state the book's times; put this line in its Notebooks section "
+        f"(python docs/build_book.py --out book --times-table):\n{sentence}")
+
+
 def test_the_book_embeds_no_live_server_and_stays_light():
     """No page holds a live demo (an iframe on 127.0.0.1 / localhost: 08's launch cell is not run),
     and the whole book stays within its budget (PNG figures)."""
