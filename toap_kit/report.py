@@ -120,8 +120,10 @@ def _setting_table(rows: list[dict], setting: str) -> list[str]:
                 continue
             cells = [_mean(rows, tier=t, perturbation=pname, post=p, setting=setting) for p in posts]
             ps = [r for r in rows if r["perturbation"] == pname and r["setting"] == setting and r["post"] == "none"]
+            quality = (f"{np.mean([r['psnr'] for r in ps]):.1f} | {np.mean([r['ssim'] for r in ps]):.3f}" if ps
+                       else "- | -")  # no rows without post-processing: no quality to state
             lines.append(f"| {t} | {pname} | " + " | ".join("-" if np.isnan(c) else f"{c:.1%}" for c in cells)
-                         + f" | {np.mean([r['psnr'] for r in ps]):.1f} | {np.mean([r['ssim'] for r in ps]):.3f} |")
+                         + f" | {quality} |")
     return lines
 
 
