@@ -308,6 +308,14 @@ def test_each_request_serves_new_files_from_its_own_folder(small_app, results):
     assert Path(shown).parent.parent == results.path and all(Path(f).parent == Path(shown).parent for f, _ in gallery)
 
 
+def test_the_demo_sends_no_usage_analytics(small_engine, results, monkeypatch):
+    """People bring their own face photos: the app must not report usage to Gradio's servers, even
+    where the environment leaves Gradio's analytics on (conftest.py turns them off for the tests)."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    app = demo.build_demo(small_engine, results)
+    assert app.analytics_enabled is False and app.config["analytics_enabled"] is False
+
+
 def test_the_queue_is_bounded_and_protections_run_one_at_a_time(small_app):
     """Item 10: parallel users wait in a bounded queue; every event that protects shares one
     concurrency group (a click, an example, a changed control, the page opening)."""

@@ -586,8 +586,9 @@ def build_demo(engine: Engine | None = None, results: ResultFolder | None = None
 
     n_people = len(set(engine.query_names))
     measured = measured_sentence()
-    # the uploads (in Gradio's cache) go after the same time, and all when the server stops
-    with gr.Blocks(title="toap-kit: protect your photos from face search",
+    # the uploads (in Gradio's cache) go after the same time, and all when the server stops;
+    # a privacy tool sends nothing home: Gradio's usage analytics are off
+    with gr.Blocks(title="toap-kit: protect your photos from face search", analytics_enabled=False,
                    delete_cache=(KEEP_RESULTS_S // 6, KEEP_RESULTS_S)) as demo:
         gr.Markdown(
             "# Protect your photos from face search engines\n"
