@@ -302,7 +302,7 @@ def bench_demo_load(requests: int = 20, photo: str | Path | None = None, start_t
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        env = {**os.environ, "TMPDIR": str(server_tmp), "GRADIO_ANALYTICS_ENABLED": "False"}
+        env = {**os.environ, "TMPDIR": str(server_tmp)}
         env.pop("GRADIO_TEMP_DIR", None)
         url = f"http://127.0.0.1:{port}/"
         with open(tmp / "server.log", "wb") as log_file:
