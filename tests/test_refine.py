@@ -167,9 +167,7 @@ def test_cli_refine_writes_resumes_and_records_its_steps(tmp_path, capsys):
     row = json.loads((out / batch.MANIFEST).read_text().splitlines()[-1])
     assert row["status"] == "protected" and row["settings"]["refine_steps"] == 2
     assert cli.main(["protect", str(src), "-o", str(out), "--refine", "2", "--no-progress"]) == 0
-    assert "already done by an earlier run" in capsys.readouterr().out
-    assert cli.main(["protect", str(src), "-o", str(out), "--refine", "-3"]) == 1
-    assert "--refine takes" in capsys.readouterr().err
+    assert "already done by an earlier run" in capsys.readouterr().out  # bad STEPS: tests/test_cli_args.py
 
 
 def test_refinement_works_under_a_callers_no_grad(faces, rec):

@@ -39,16 +39,47 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from . import batch, crawl, protect, verify
 from .data import sha256_file
+from .index import MILVUS_MAX_LIMIT
 
-__all__ = ["main"]
+__all__ = ["REFINE_MAX_STEPS", "main"]
+
+REFINE_MAX_STEPS = 2000
+"""The most ``--refine`` steps a face: 20x the refinement's default (``refine.DEFAULT_STEPS`` = 100);
+more gains nothing worth hours of work (``--refine 1000000000`` used to run, an ETA of 415,115 h)."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's own usage block is dropped)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _whole(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in ``lo..hi``, else an argument error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number in {lo}..{hi}, got {text!r}")
+        return value
+    return parse
+
+
+def _text(text: str) -> str:
+    """An argparse ``type``: a value that is not empty (``--engine ''`` is not "not given")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
+
+
+def _path(text: str) -> Path:
+    """An argparse ``type``: a path that is not empty (``Path('')`` is the current folder)."""
+    return Path(_text(text))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,28 +88,29 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     pr = sub.add_parser("protect", help="protect the faces in photos", description=protect_help())
-    pr.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="image files or folders (recursive)")
-    pr.add_argument("-d", "--directory", action="append", type=Path, default=[], metavar="DIR",
+    pr.add_argument("inputs", nargs="*", type=_path, metavar="INPUT", help="image files or folders (recursive)")
+    pr.add_argument("-d", "--directory", action="append", type=_path, default=[], metavar="DIR",
                     help="a folder of photos (as in Fawkes; same as giving it as INPUT)")
-    pr.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+    pr.add_argument("-o", "--output", type=_path, required=True, metavar="OUTDIR",
                     help="folder for the protected copies (created; never an input's own folder)")
     strength = pr.add_mutually_exclusive_group()
     strength.add_argument("-m", "--mode", choices=list(protect.STRENGTHS), default=None,
                           help=f"strength: low/mid/high = {', '.join(protect.STRENGTHS.values())} "
                                f"(eps 4/8/12 over 255; default {protect.DEFAULT_STRENGTH})")
-    strength.add_argument("--perturbation", metavar="NAME_OR_PATH",
+    strength.add_argument("--perturbation", type=_text, metavar="NAME_OR_PATH",
                           help="any perturbation: a shipped name "
                                f"({', '.join(protect.Perturbation.shipped())}) or a file")
-    pr.add_argument("--refine", nargs="?", type=int, const=-1, default=0, metavar="STEPS",
+    pr.add_argument("--refine", nargs="?", type=_whole(1, REFINE_MAX_STEPS), const=None, default=0, metavar="STEPS",
                     help="refine every face against dlib's face network (the real engines' backbone), "
-                         "STEPS steps a face (default when given without a number: the refinement's "
-                         "default, a few seconds a face on a laptop); much stronger on those engines")
+                         f"STEPS steps a face, 1..{REFINE_MAX_STEPS} (default when given without a number: "
+                         "the refinement's default, a few seconds a face on a laptop); much stronger on "
+                         "those engines")
     pr.add_argument("--no-detect", action="store_true",
                     help="do not detect faces: each image is one face (its central square)")
     pr.add_argument("--no-face", choices=("skip", "copy"), default="skip",
                     help="a photo without a face: leave it out (default) or write it unprotected")
-    pr.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
-                    help=f"quality of JPEG outputs (default {protect.DEFAULT_JPEG_QUALITY}; lower warns)")
+    pr.add_argument("--jpeg-quality", type=_whole(1, 100), default=None, metavar="Q",
+                    help=f"quality of JPEG outputs, 1..100 (default {protect.DEFAULT_JPEG_QUALITY}; lower warns)")
     pr.add_argument("--keep-exif", action="store_true",
                     help="keep the EXIF block (GPS included!); default: written without EXIF")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -86,17 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     ve = sub.add_parser("verify", help="does a search engine still find the person?", description=verify_help())
-    ve.add_argument("original", type=Path, metavar="ORIGINAL", help="the original, unprotected photo")
-    ve.add_argument("uploaded", type=Path, metavar="UPLOADED",
+    ve.add_argument("original", type=_path, metavar="ORIGINAL", help="the original, unprotected photo")
+    ve.add_argument("uploaded", type=_path, metavar="UPLOADED",
                     help="the copy downloaded back from a platform, or the protected photo with --simulate")
-    ve.add_argument("--simulate", metavar="PROFILE",
+    ve.add_argument("--simulate", type=_text, metavar="PROFILE",
                     help="apply a platform profile (facebook, weibo, wechat, ...) or a post-processing "
                          "spec (jpeg:75) to UPLOADED first")
-    ve.add_argument("--engines", nargs="+", metavar="NAME", help="only these zoo engines (default: all)")
+    ve.add_argument("--engines", nargs="+", type=_text, metavar="NAME", help="only these zoo engines (default: all)")
     which = ve.add_mutually_exclusive_group()
     which.add_argument("-m", "--mode", choices=list(protect.STRENGTHS), default=None,
                        help="the strength the photo was protected with (for the threat tiers)")
-    which.add_argument("--perturbation", metavar="NAME_OR_PATH",
+    which.add_argument("--perturbation", type=_text, metavar="NAME_OR_PATH",
                        help="the perturbation the photo was protected with (default: read from the "
                             "manifest next to UPLOADED; else the tiers are 'unknown')")
     ve.add_argument("--json", action="store_true", help="print one JSON object")
@@ -107,8 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     cr = sub.add_parser("crawl", help="index every face of a folder of photos (a face search engine's crawler)",
                         description=crawl_help())
     cr.add_argument("folder", type=Path, metavar="FOLDER", help="a folder of photos (recursive)")
-    cr.add_argument("--index", required=True, metavar="URI", help=index_help + " (created if missing)")
-    cr.add_argument("--engine", metavar="NAME",
+    cr.add_argument("--index", required=True, type=_text, metavar="URI", help=index_help + " (created if missing)")
+    cr.add_argument("--engine", type=_text, metavar="NAME",
                     help="the zoo engine that encodes the faces (default: the index's, or dlib_itq_32 for a new one)")
     cr.add_argument("--label-from-folder", action="store_true",
                     help="record each face's identity as the name of the folder its photo is in")
@@ -122,9 +154,10 @@ def _parser() -> argparse.ArgumentParser:
                                     "with each result's source file and Hamming distance; the faces are encoded "
                                     "by the engine the index was built with.")
     se.add_argument("photo", type=Path, metavar="PHOTO", help="a photo (every face found is searched)")
-    se.add_argument("--index", required=True, metavar="URI", help=index_help)
-    se.add_argument("--k", type=int, default=10, help="results per face (default 10)")
-    se.add_argument("--engine", metavar="NAME", help="refuse unless the index was built with this engine")
+    se.add_argument("--index", required=True, type=_text, metavar="URI", help=index_help)
+    se.add_argument("--k", type=_whole(1, MILVUS_MAX_LIMIT), default=10,
+                    help=f"results per face, 1..{MILVUS_MAX_LIMIT} (Milvus' most a query; default 10)")
+    se.add_argument("--engine", type=_text, metavar="NAME", help="refuse unless the index was built with this engine")
     se.add_argument("--json", action="store_true", help="print one JSON object")
     se.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
@@ -158,16 +191,20 @@ def _setup_logging(debug: bool, quiet: bool = False) -> None:
     logging.captureWarnings(True)
 
 
+def _refine_steps(refine: int | None) -> int:
+    """``--refine``'s steps a face: 0 not given, None given without a number (the refinement's
+    default; None cannot be typed, so no typed number means the default)."""
+    if refine is None:
+        from .refine import DEFAULT_STEPS  # the refinement loads dlib's network: only when asked for
+
+        return DEFAULT_STEPS
+    return refine
+
+
 def _cmd_protect(args: argparse.Namespace) -> int:
     inputs = list(args.inputs) + list(args.directory)
     p = protect.load_perturbation(args.perturbation, args.mode)
-    if args.refine < -1:
-        raise protect.ProtectError(f"--refine takes a number of steps >= 0, got {args.refine}")
-    steps = args.refine
-    if steps == -1:
-        from .refine import DEFAULT_STEPS
-
-        steps = DEFAULT_STEPS
+    steps = _refine_steps(args.refine)
     rows = batch.protect_files(inputs, args.output, p, detect=not args.no_detect, no_face=args.no_face,
                                jpeg_quality=args.jpeg_quality, keep_exif=args.keep_exif,
                                progress=not (args.no_progress or args.quiet), refine_steps=steps)
