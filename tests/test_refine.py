@@ -176,3 +176,64 @@ def test_refinement_works_under_a_callers_no_grad(faces, rec):
         p = refine.fit_universal(faces[:2], torch.tensor([0, 1]), refine.RefineConfig(steps=2, batch_size=2),
                                  progress=False, recognizer=rec)
     assert float(d.abs().max()) > 0 and float(p.delta.abs().max()) > 0
+
+
+# ------------------------------------------------------------------ group photos (issue 28 item 1)
+def _group(sizes: list[int], cols: int, cell: int) -> Image.Image:
+    """Shipped faces (the middle 150 px of each 250 px photo) pasted at ``sizes`` into a grid."""
+    from toap_kit.odd_inputs import shipped_photo, shipped_photos
+
+    canvas = Image.new("RGB", (cols * cell, -(-len(sizes) // cols) * cell), (90, 100, 110))
+    for i, s in enumerate(sizes):
+        face = shipped_photo(i % len(shipped_photos())).crop((50, 50, 200, 200)).resize((s, s), Image.BICUBIC)
+        canvas.paste(face, ((i % cols) * cell + (cell - s) // 2, (i // cols) * cell + (cell - s) // 2))
+    return canvas
+
+
+GROUPS = {1: ([150], 1, 170), 2: ([150, 100], 2, 160), 3: ([160, 120, 90], 3, 170),
+          30: ([60 + 2 * (i % 20) for i in range(30)], 6, 100)}
+
+
+@pytest.mark.parametrize("n", sorted(GROUPS))
+def test_group_photos_with_faces_of_any_sizes_are_refined(n, rec):
+    photo = _group(*GROUPS[n])
+    boxes = protect.face_boxes(photo)
+    assert len(boxes) == n, "the detector finds every pasted face"
+    assert len({s for _, _, s in boxes}) >= min(n, 3), "the squares differ in size"
+    p = protect.load_perturbation("toap-mid")
+    res = protect.protect_image(photo, p, refine_steps=1, recognizer=rec)
+    assert res.boxes == boxes and res.faces_found
+    universal = np.asarray(protect.protect_image(photo, p).image, np.int16)
+    a, r = np.asarray(photo, np.int16), np.asarray(res.image, np.int16)
+    d = np.abs(r - a)
+    assert d.max() <= 8, "|delta| <= eps"
+    outside = np.ones(a.shape[:2], bool)
+    for x0, y0, s in boxes:
+        square = (slice(max(0, y0), y0 + s), slice(max(0, x0), x0 + s))
+        outside[square] = False
+        assert d[square].mean() > 1, f"the face square {(x0, y0, s)} is protected"
+        assert (r[square] != universal[square]).any(), f"the face square {(x0, y0, s)} got its own delta"
+    assert (d[outside] == 0).all()
+
+
+class _StubEngine:
+    """The demo's search engine reduced to one fixed answer (loading the real one's 2,775 faces
+    takes a minute): the test below is about the demo's protection step."""
+
+    models, default_model = ["vgg_csq_64"], "vgg_csq_64"
+
+    def search(self, image, model_name, k=10, identity=None):
+        from toap_kit.engine import SearchResult
+
+        return SearchResult([0], [0], ["Somebody"], None)
+
+
+def test_the_demo_refines_a_group_photo(rec, monkeypatch):
+    from toap_kit import demo
+
+    monkeypatch.setattr(refine, "DEFAULT_STEPS", 1)  # the demo's steps, read at call time: kept cheap
+    monkeypatch.setattr(demo, "_recognizer", lambda: rec)
+    photo = _group(*GROUPS[3])
+    res = demo.protect_and_search(_StubEngine(), photo, "mid", "vgg_csq_64", "none", refine=True)
+    assert res.refined and len(res.faces) == 3 and res.notes[0].startswith("3 faces found: all protected")
+    assert np.abs(np.asarray(res.protected, np.int16) - np.asarray(photo, np.int16)).max() <= 8

@@ -33,10 +33,10 @@ Files and folders (resumable batches, the manifest) are ``toap_kit.batch``; the 
    then rounded: ``|protected - original| <= eps`` holds exactly on the stored pixels.
    Pixels outside the squares, and the alpha channel, are untouched.
 4. With ``refine_steps`` (``toap protect --refine``), step 3 adds each face's own delta instead:
-   the face squares are cut (as the cropper cuts them), resized to ``refine.WORK_SIDE`` and
-   refined together against dlib's network from the universal delta (``refine.refine_deltas``:
-   already feathered, within the same eps, under the refinement's PSNR floor), each resized
-   back to its square; the same clipping and rounding follow.
+   the face squares (of any sizes) are cut (as the cropper cuts them), each resized to
+   ``refine.WORK_SIDE``, and refined together against dlib's network from the universal delta
+   (``refine.refine_deltas``: already feathered, within the same eps, under the refinement's
+   PSNR floor), each resized back to its square; the same clipping and rounding follow.
 
 Measured for this module (issue 12; ``docs/experiments/protect_jpeg_quality.py`` prints these
 numbers), with ``evaluate.Evaluator`` on the open-set protocol's
@@ -266,17 +266,19 @@ def _resized(t: torch.Tensor, side: int) -> torch.Tensor:
 
 def _refined_patches(image: Image.Image, boxes: list[tuple[int, int, int]], perturbation: Perturbation, steps: int,
                      seed: int, recognizer, progress: bool) -> list[np.ndarray]:
-    """Each face square's own refined delta (``side x side x 3``, feathered, pixel units): the
-    squares are refined together at ``refine.WORK_SIDE`` from the universal delta, then each
-    delta is resized back to its square."""
+    """Each face square's own refined delta (``side x side x 3``, feathered, pixel units): each
+    square (of any size: a group photo's faces differ) is resized on its own to
+    ``refine.WORK_SIDE``, all are refined together from the universal delta (``refine_deltas``
+    batches them), then each delta is resized back to its square. Only one full-size square is
+    held as floats at a time."""
     from . import refine  # the refinement loads dlib's network: only when asked for
 
     if not boxes:
         return []
     rgb = _8bit(image).convert("RGB")
     side = refine.WORK_SIDE
-    faces = _resized(torch.from_numpy(np.stack([_square(rgb, b) for b in boxes])).permute(0, 3, 1, 2).float() / 255,
-                     side).clamp(0, 1)
+    faces = torch.cat([_resized(torch.tensor(_square(rgb, b)).permute(2, 0, 1)[None].float() / 255, side)
+                       for b in boxes]).clamp(0, 1)
     config = refine.config_for(perturbation.eps, steps, seed)
     init = perturbation.resized(side, side)[None].expand(len(boxes), -1, -1, -1)
     deltas = refine.refine_deltas(faces, config=config, recognizer=recognizer, init=init, progress=progress)
