@@ -1,10 +1,15 @@
 """The face index (toap_kit.index): every exact backend gives the same top k, ties included;
 Milvus Lite's +-1 float vectors under IP rank exactly by Hamming distance; persist and reopen;
-clear errors. Milvus Lite runs here (it writes under tmp_path); a Milvus server only when
-``TOAP_MILVUS_URI`` names one (the command to start one is in ``toap_kit.index``'s docstring)."""
+clear errors. Milvus Lite runs here (it writes under tmp_path); a Milvus server too: the session
+starts one from the ``milvus`` wheel (``conftest.milvus_server``), or ``TOAP_MILVUS_URI`` names one."""
+import contextlib
 import json
 import os
+import shutil
+import socket
+import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,18 +265,132 @@ def test_reopen_with_other_bits_or_engine_is_refused(data, tmp_path):
         X.open_index(f"faiss://{tmp_path / 'missing.faiss'}")
 
 
-def test_a_milvus_server(data):
-    """BINARY_VECTOR + HAMMING on a real server: the same top k as the reference."""
-    uri = os.environ.get("TOAP_MILVUS_URI")
-    if not uri:
-        pytest.skip("no Milvus server: set TOAP_MILVUS_URI=http://HOST:19530 (start one with Milvus standalone's "
-                    "docker compose, see toap_kit.index's docstring)")
+def test_a_milvus_server(data, milvus_uri):
+    """BINARY_VECTOR + HAMMING on a real server (the session's, ``conftest.milvus_server``: one
+    started from the ``milvus`` wheel, or ``TOAP_MILVUS_URI``): the same top k as the reference,
+    and again after a reopen, with ids going on."""
+    db, q, _ = data
+    with _server_collection(milvus_uri) as name:
+        ix = _filled(milvus_uri, data, collection=name)
+        try:
+            assert X.parse_uri(milvus_uri).kind == "milvus-server" and len(ix) == N
+            _check_same_as_reference(ix, data)
+            ix.save()
+        finally:
+            ix.close()
+        with X.open_index(f"{milvus_uri}?collection={name}", engine="test") as again:
+            assert len(again) == N and again.bits == BITS and again.exact
+            _check_same_as_reference(again, data)
+            assert again.add(db[:2]).tolist() == [N, N + 1]
+
+
+# ---------------------------------------------------------------- a Milvus server (issue 30, item 1)
+@contextlib.contextmanager
+def _server_collection(uri):
+    """A fresh collection name on the server at ``uri``, dropped afterwards (with its ledger), so a
+    run against an external server (``TOAP_MILVUS_URI``) leaves nothing there."""
+    from pymilvus import MilvusClient
+
     name = f"toap_test_{uuid.uuid4().hex[:8]}"
-    ix = _filled(uri, data, collection=name)
     try:
-        assert X.parse_uri(uri).kind == "milvus-server" and len(ix) == N
-        _check_same_as_reference(ix, data)
+        yield name
     finally:
+        client = MilvusClient(uri, token=os.environ.get("TOAP_MILVUS_TOKEN", ""))
         for c in (name, f"{name}_files"):
-            ix._client.drop_collection(c)
-        ix.close()
+            client.drop_collection(c)
+        client.close()
+
+
+def test_a_milvus_server_replaces_a_files_rows(data, milvus_uri):
+    """The crawler's ledger on a server: a file added again loses its old rows, an add cut short
+    is cleaned up by the next add of that file, a photo without a face is recorded."""
+    db, _, _ = data
+    with _server_collection(milvus_uri) as name, X.open_index(milvus_uri, bits=BITS, engine="test",
+                                                               collection=name) as ix:
+        ix.add(db[:10])
+        first = ix.add(db[10:13], file=("p/a.jpg", {"size": 1}))
+        assert len(ix) == 13 and ix.crawled(["p/a.jpg"])["p/a.jpg"]["ids"] == first.tolist()
+        second = ix.add(db[20:22], [{"box": [1, 2, 3]}] * 2, file=("p/a.jpg", {"size": 2}))
+        assert len(ix) == 12 and ix.crawled(["p/a.jpg"])["p/a.jpg"]["size"] == 2
+        hits = ix.search(db[20], 1)
+        assert hits.ids[0, 0] == second[0] and hits.meta[0][0] == {"source": "p/a.jpg", "box": [1, 2, 3]}
+        ids = ix._reserve(2)
+        ix._ledger_put({"p/b.jpg": {"size": 5, "ids": ids.tolist(), "done": False}})
+        ix._insert(db[30:32].astype(np.int8), ids, [{}, {}])
+        assert ix.crawled(["p/b.jpg"]) == {} and len(ix) == 14
+        ix.add(db[30:32], file=("p/b.jpg", {"size": 5}))
+        assert len(ix) == 14 and "p/b.jpg" in ix.crawled(["p/b.jpg"])
+        ix.add(np.zeros((0, BITS)), file=("p/noface.jpg", {"size": 9}))
+        assert ix.crawled(["p/noface.jpg"])["p/noface.jpg"]["faces"] == 0 and len(ix) == 14
+
+
+def test_a_milvus_server_ivf_probing_every_list_is_exact(data, milvus_uri):
+    """BIN_IVF_FLAT on the server: approximate in general, the reference top k when nprobe = nlist."""
+    with _server_collection(milvus_uri) as name:
+        with _filled(f"{milvus_uri}?ivf=8&nprobe=8", data, collection=name) as ix:
+            assert not ix.exact and ix.info["ivf"] == 8 and ix.info["nprobe"] == 8
+            ix.save()
+            _check_same_as_reference(ix, data)
+
+
+def test_crawl_and_search_on_a_milvus_server(milvus_uri, tmp_path, capsys):
+    """``toap crawl --index http://HOST:PORT?collection=...`` then ``toap search`` on the server:
+    each person's other photo finds that person first; a rerun reads nothing again."""
+    from toap_kit import cli
+    from toap_kit.data import DATA_DIR
+
+    people = ["Bill_Clinton", "Halle_Berry", "Hugo_Chavez"]
+    for p in people:
+        (tmp_path / "photos" / p).mkdir(parents=True)
+        shutil.copy(DATA_DIR / "photos250" / p / "01.jpg", tmp_path / "photos" / p / "01.jpg")
+    with _server_collection(milvus_uri) as name:
+        uri = f"{milvus_uri}?collection={name}"
+        argv = ["crawl", str(tmp_path / "photos"), "--index", uri, "--engine", "dlib_itq_64", "--json"]
+        assert cli.main([*argv, "--label-from-folder"]) == 0
+        first = json.loads(capsys.readouterr().out)
+        assert first["indexed"] == 3 and first["faces"] == 3 and first["rows"] == 3 and first["bits"] == 64
+        assert cli.main(argv) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["indexed"] == 0 and again["skipped"] == 3 and again["rows"] == 3
+        for p in people:
+            assert cli.main(["search", str(DATA_DIR / "lfw158" / p / "03.jpg"), "--index", uri, "--k", "2",
+                             "--json"]) == 0
+            best = json.loads(capsys.readouterr().out)["faces"][0]["results"][0]
+            assert best["identity"] == p and best["source"] == f"{p}/01.jpg", (p, best)
+
+
+def test_a_local_milvus_server_stops_and_leaves_nothing():
+    """``milvus_server.start`` / ``stop``: a second server beside the session's gets its own port;
+    after ``stop`` its process is gone, its port closed and its folder removed."""
+    import psutil
+
+    from toap_kit import milvus_server as ms
+
+    try:
+        server = ms.start()
+    except ms.ServerUnavailable as e:
+        pytest.skip(f"no Milvus server: {e}")
+    pid, folder, port = server.pid, server.folder, server.port
+    with server:
+        assert psutil.pid_exists(pid) and folder.is_dir() and (folder / "bin" / "milvus").is_file()
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) == 0
+    assert server.process is None and not folder.exists()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the server's port still answers"
+    server.stop()  # twice is harmless
+
+
+def test_no_milvus_package_is_a_clear_reason(monkeypatch):
+    """Without the ``milvus`` package, ``start`` says what to install (the tests skip with it)
+    and leaves no folder behind."""
+    import tempfile
+
+    from toap_kit import milvus_server as ms
+
+    before = set(Path(tempfile.gettempdir()).glob("toap-milvus-*"))
+    monkeypatch.setitem(sys.modules, "milvus", None)  # import milvus -> ImportError
+    with pytest.raises(ms.ServerUnavailable, match="pip install milvus"):
+        ms.start()
+    assert set(Path(tempfile.gettempdir()).glob("toap-milvus-*")) == before
