@@ -135,6 +135,72 @@ def test_device_switch(monkeypatch):
         assert config.device() == torch.device("cpu")
 
 
+# a bad TOAP_DEVICE on this (CPU) machine: (value, CUDA devices torch pretends to see, the reason given)
+BAD_DEVICES = [("bogus", 0, "is not a torch device"), ("cuda", 0, "no CUDA device"),
+               ("cuda:1", 0, "no CUDA device"), ("cuda:7", 1, "only 1 CUDA device here"),
+               ("cuda:2", 2, "only 2 CUDA devices here"), ("meta", 0, "runs on cpu, cuda or mps")]
+
+
+def _pretend_cuda(monkeypatch, value: str, n_cuda: int) -> None:
+    monkeypatch.setenv("TOAP_DEVICE", value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_cuda)
+
+
+@pytest.mark.parametrize("value, n_cuda, reason", BAD_DEVICES)
+def test_a_bad_device_is_refused_with_its_reason(monkeypatch, value, n_cuda, reason):
+    _pretend_cuda(monkeypatch, value, n_cuda)
+    with pytest.raises(ValueError, match=reason):
+        config.device()
+    with pytest.raises(ValueError, match=reason):
+        config.setup(0)  # every notebook's first call
+    monkeypatch.setenv("TOAP_DEVICE", "cuda:0")
+    if n_cuda:
+        assert config.device() == torch.device("cuda:0")
+
+
+def _no_photo_read(*args, **kwargs):
+    raise AssertionError("a photo was read although TOAP_DEVICE is bad")
+
+
+@pytest.mark.parametrize("value, n_cuda, reason", BAD_DEVICES[::2])
+@pytest.mark.parametrize("command", ["protect --refine", "protect", "verify", "crawl", "search"])
+def test_every_command_refuses_a_bad_device_up_front(tmp_path, capsys, monkeypatch, command, value, n_cuda,
+                                                     reason):
+    """Issue 28 item 6: once, before any photo is read, one line and exit 1 (with or without
+    --refine; it was an internal error with a traceback per photo, or silently ignored)."""
+    from toap_kit import crawl
+
+    photo = tmp_path / "me.jpg"
+    Image.open(PHOTO).save(photo)
+    monkeypatch.setattr(protect, "open_photo", _no_photo_read)
+    monkeypatch.setattr(crawl, "crawl_folder", _no_photo_read)
+    monkeypatch.setattr(crawl, "search_photo", _no_photo_read)
+    _pretend_cuda(monkeypatch, value, n_cuda)
+    out, index = tmp_path / "out", f"faiss://{tmp_path / 'faces.faiss'}"
+    argv = {"protect --refine": ["protect", str(photo), "-o", str(out), "--refine", "1"],
+            "protect": ["protect", str(photo), "-o", str(out)], "verify": ["verify", str(photo), str(photo)],
+            "crawl": ["crawl", str(tmp_path), "--index", index], "search": ["search", str(photo), "--index", index]}
+    assert cli.main(argv[command] + ["--no-progress"] * command.startswith("protect")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"toap: error: TOAP_DEVICE={value!r}") and reason in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["me.jpg"]
+
+
+def test_protect_files_and_the_demo_refuse_a_bad_device_up_front(tmp_path, monkeypatch):
+    from toap_kit import demo
+
+    photo = tmp_path / "me.jpg"
+    Image.open(PHOTO).save(photo)
+    monkeypatch.setattr(batch, "open_photo", _no_photo_read)
+    _pretend_cuda(monkeypatch, "cuda:7", 1)
+    with pytest.raises(protect.ProtectError, match="only 1 CUDA device"):
+        batch.protect_files([photo], tmp_path / "out", protect.load_perturbation(), refine_steps=0, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="only 1 CUDA device"):
+        demo.build_demo(engine=_StubEngine())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (the CPU path is tested above)")
 def test_refinement_on_cuda_matches_the_cpu_budget(faces):
     d = refine.refine_deltas(faces[:2], "mid", steps=2, recognizer=refine.KnownRecognizer("cuda"))

@@ -53,6 +53,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .config import device
 from .data import IMAGE_SUFFIXES, sha256_file
 from .perturbation import Perturbation
 from .protect import (_WRITABLE, DEFAULT_JPEG_QUALITY, MIN_MEASURED_QUALITY, STRENGTHS, TMP_TAG, ProtectedPhoto,
@@ -103,9 +104,14 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
         and the batch goes on; ``crash`` True marks an unexpected exception (a bug).
 
     Raises:
-        ProtectError: the run cannot start (output folder unusable, an output would overwrite
-            an input, another run is writing to ``out_dir``, bad ``no_face`` or ``jpeg_quality``).
+        ProtectError: the run cannot start (a bad ``TOAP_DEVICE``, output folder unusable, an
+            output would overwrite an input, another run is writing to ``out_dir``, bad
+            ``no_face`` or ``jpeg_quality``); nothing is read or written then.
     """
+    try:
+        device()  # a bad TOAP_DEVICE: refused here, not as an error on every photo
+    except ValueError as e:
+        raise ProtectError(str(e)) from None
     if no_face not in ("skip", "copy"):
         raise ProtectError(f"no_face must be 'skip' or 'copy', got {no_face!r}")
     quality = _check_quality(jpeg_quality)

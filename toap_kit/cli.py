@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import batch, crawl, protect, verify
+from . import batch, config, crawl, protect, verify
 from .data import sha256_file
 from .index import MILVUS_MAX_LIMIT
 
@@ -311,6 +311,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device() -> None:
+    """A bad ``TOAP_DEVICE`` is refused once, before any photo is read, by every command
+    (``config.device``: not a device, no CUDA, ``cuda:N`` past the devices torch sees)."""
+    try:
+        config.device()
+    except ValueError as e:
+        raise protect.ProtectError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``toap``; returns the exit code (the console script exits with it)."""
     parser = _parser()
@@ -319,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("protect: no input: give photos or folders (INPUT... or -d DIR)")
     _setup_logging(args.debug, getattr(args, "quiet", False))
     try:
+        _check_device()
         return {"protect": _cmd_protect, "verify": _cmd_verify, "crawl": _cmd_crawl,
                 "search": _cmd_search}[args.command](args)
     except KeyboardInterrupt:

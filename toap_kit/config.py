@@ -21,9 +21,17 @@ OUTPUT_DIR = Path(__file__).resolve().parent.parent / "outputs"
 
 
 def device() -> torch.device:
-    """The one device switch: ``TOAP_DEVICE`` if set (``cpu``, ``cuda``, ``cuda:1``, ...), else
-    CUDA when present, else the CPU. Everything heavy (``toap``, ``refine``, ``artifacts``,
-    ``results``) runs its networks there; every test runs on the CPU."""
+    """The one device switch: ``TOAP_DEVICE`` if set (``cpu``, ``cuda``, ``cuda:1``, ``mps``),
+    else CUDA when present, else the CPU. Everything heavy (``toap``, ``refine``, ``artifacts``,
+    ``results``) runs its networks there; every test runs on the CPU. Every entry point (the
+    ``toap`` commands, ``batch.protect_files``, the demo's ``build_demo``, ``setup``) calls it
+    first, so that a bad value is refused once, before any work.
+
+    Raises:
+        ValueError: (one line, naming the value) not a torch device, a device type the kit does
+            not run on, ``cuda`` without a CUDA device, ``cuda:N`` with N at or past
+            ``torch.cuda.device_count()``, ``mps`` where Metal is not available.
+    """
     want = os.environ.get("TOAP_DEVICE", "").strip()
     if not want:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,8 +39,17 @@ def device() -> torch.device:
         dev = torch.device(want)
     except RuntimeError:
         raise ValueError(f"TOAP_DEVICE={want!r} is not a torch device (try cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"TOAP_DEVICE={want!r} but torch sees no CUDA device here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"TOAP_DEVICE={want!r}: the kit runs on cpu, cuda or mps, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"TOAP_DEVICE={want!r} but torch sees no CUDA device here (try cpu)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"TOAP_DEVICE={want!r} but torch sees only {n} CUDA device{'s' * (n != 1)} here "
+                             f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"TOAP_DEVICE={want!r} but Metal (mps) is not available here (try cpu)")
     return dev
 
 
@@ -65,9 +82,13 @@ def setup(seed: int = 0, fast: bool | None = None, threads: int | None = None) -
         seed: the one seed of the run.
         fast: force fast mode on/off; default: ``TOAP_FAST`` in the environment.
         threads: torch CPU threads (default: torch's choice).
+
+    Raises:
+        ValueError: a bad ``TOAP_DEVICE`` (``device``).
     """
     if fast is None:
         fast = os.environ.get("TOAP_FAST", "0").lower() not in ("", "0", "false", "no")
+    device()  # a bad TOAP_DEVICE is refused here, before the run's work
     seed_everything(seed)
     if threads:
         torch.set_num_threads(threads)

@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 
 from . import postprocess, protect as protect_module, refine as refine_module
+from .config import device
 from .data import crop_face
 from .engine import DEFAULT_ENGINE, DISPLAY, Engine, SearchResult
 from .evaluate import ssim as ssim_of
@@ -501,9 +502,14 @@ def build_demo(engine: Engine | None = None, results: ResultFolder | None = None
             ``default_model`` is loaded before the page opens.
         results: where each request writes the files it serves (default: a new
             ``ResultFolder``, deleted with the page or at exit).
+
+    Raises:
+        ValueError: a bad ``TOAP_DEVICE`` (``config.device``), before anything is loaded (the
+            refinement, on by default, would fail on every photo).
     """
     import gradio as gr
 
+    device()
     engine = engine or Engine()
     log.info("loading the database codes of %s (the page's first search then answers at once)", engine.default_model)
     engine._model_and_index(engine.default_model)
