@@ -236,6 +236,27 @@ def test_cli_refine_writes_resumes_and_records_its_steps(tmp_path, capsys):
     assert "already done by an earlier run" in capsys.readouterr().out  # bad STEPS: tests/test_cli_args.py
 
 
+def test_refine_loads_dlibs_network_only_once_a_face_needs_it(tmp_path, monkeypatch, capsys):
+    """Issue 28 item 11: a photo without a face costs no network load (it took 20 s); a folder
+    loads it once, on its first face."""
+    loads = []
+    real = refine.load_dlib_resnet
+    monkeypatch.setattr(refine, "load_dlib_resnet", lambda: loads.append(1) or real())
+    refine._known_on.cache_clear()  # loaded by an earlier test of this process: load afresh
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (300, 200), (120, 120, 120)).save(src / "a-wall.png")
+    args = ["--refine", "1", "--no-progress"]
+    assert cli.main(["protect", str(src / "a-wall.png"), "-o", str(tmp_path / "out1"), *args]) == 0
+    assert "left out (no face found)" in capsys.readouterr().out
+    assert loads == [], "a photo without a face loaded dlib's network"
+    for name in ("b-me.jpg", "c-me-too.jpg"):
+        Image.open(PHOTO).save(src / name)
+    assert cli.main(["protect", str(src), "-o", str(tmp_path / "out2"), *args]) == 0
+    assert "2 protected (2 faces)" in capsys.readouterr().out
+    assert loads == [1], "loaded once for the folder"
+
+
 def test_refinement_works_under_a_callers_no_grad(faces, rec):
     with torch.no_grad():
         d = refine.refine_deltas(faces[:1], "mid", steps=2, recognizer=rec)
@@ -298,7 +319,7 @@ def test_the_demo_refines_a_group_photo(rec, monkeypatch):
     from toap_kit import demo
 
     monkeypatch.setattr(refine, "DEFAULT_STEPS", 1)  # the demo's steps, read at call time: kept cheap
-    monkeypatch.setattr(demo, "_recognizer", lambda: rec)
+    monkeypatch.setattr(refine, "known_recognizer", lambda device=None: rec)
     photo = _group(*GROUPS[3])
     res = demo.protect_and_search(_StubEngine(), photo, "mid", "vgg_csq_64", "none", refine=True)
     assert res.refined and len(res.faces) == 3 and res.notes[0].startswith("3 faces found: all protected")

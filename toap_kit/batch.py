@@ -49,15 +49,14 @@ from pathlib import Path, PurePath
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import device
 from .data import IMAGE_SUFFIXES, sha256_file
 from .perturbation import Perturbation
-from .protect import (_WRITABLE, DEFAULT_JPEG_QUALITY, MIN_MEASURED_QUALITY, STRENGTHS, TMP_TAG, ProtectedPhoto,
-                      ProtectError, _file_problem, _save, open_photo, protect_image)
+from .protect import (_WRITABLE, DEFAULT_JPEG_QUALITY, MIN_MEASURED_QUALITY, STRENGTHS, TMP_TAG, ProtectError,
+                      _file_problem, _save, open_photo, protect_image)
 
 __all__ = ["DONE", "MANIFEST", "protect_files", "read_manifest", "summarize"]
 
@@ -129,7 +128,7 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
         settings = {"detect": detect, "no_face": no_face, "jpeg_quality": quality, "keep_exif": keep_exif,
                     "refine_steps": int(refine_steps)}
         run = _Run(out_dir, perturbation, _perturbation_info(perturbation), settings,
-                   _index(read_manifest(out_dir / MANIFEST)), _Refiner(int(refine_steps), progress))
+                   _index(read_manifest(out_dir / MANIFEST)), progress)
         with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
             return [_protect_or_report(job, run)
                     for job in tqdm(jobs, desc="protect", unit="photo", disable=not progress)]
@@ -255,31 +254,17 @@ def _jobs(inputs: Iterable[str | Path], out_dir: Path) -> list[_Job]:
 
 
 # ---------------------------------------------------------------- one photo of the run
-class _Refiner:
-    """``protect_image`` for a batch: with refinement, dlib's network is loaded once, on the
-    first photo that needs it."""
-
-    def __init__(self, steps: int, progress: bool):
-        self.steps, self.progress, self._rec = steps, progress, None
-
-    def __call__(self, image: Image.Image, perturbation: Perturbation, detect: bool) -> ProtectedPhoto:
-        if self.steps and self._rec is None:
-            from .refine import KnownRecognizer
-
-            self._rec = KnownRecognizer()
-        return protect_image(image, perturbation, detect, self.steps, recognizer=self._rec, progress=self.progress)
-
-
 @dataclass
 class _Run:
-    """What every photo of one ``protect_files`` call shares."""
+    """What every photo of one ``protect_files`` call shares. With refinement, dlib's network is
+    loaded once, on the first face (``refine.known_recognizer``): a photo without one loads nothing."""
 
     out_dir: Path
     perturbation: Perturbation
     info: dict  # ``_perturbation_info``
     settings: dict  # detect, no_face, jpeg_quality, keep_exif, refine_steps: recorded in every row
     earlier: dict[str, list[dict]]  # the manifest's finished rows (``_index``)
-    refine: _Refiner
+    progress: bool  # a tqdm bar for each photo's refinement
 
     @property
     def manifest(self) -> Path:
@@ -328,7 +313,8 @@ def _protect_one(job: _Job, row: dict, run: _Run, t0: float) -> dict:
     if exists and (out_sha is None or all(r.get("output_sha256") != out_sha for r in earlier)):
         raise ProtectError(f"{dst} already exists and was not written by toap protect: not overwritten")
     img, source = open_photo(src)
-    res = run.refine(img, run.perturbation, run.settings["detect"])
+    res = protect_image(img, run.perturbation, run.settings["detect"], run.settings["refine_steps"],
+                        progress=run.progress)
     row.update(format=_WRITABLE[source.format], bit_depth=source.bit_depth, faces=len(res.boxes),
                boxes=[list(b) for b in res.boxes], notes=source.notes + res.notes)
     if source.format == "MPO":

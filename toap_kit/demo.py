@@ -169,12 +169,6 @@ def _perturbation(strength: str) -> Perturbation:
     return load_perturbation(strength=strength)
 
 
-@lru_cache(maxsize=1)
-def _recognizer() -> refine_module.KnownRecognizer:
-    """dlib's network for the refinement, loaded once per process (about 3 s)."""
-    return refine_module.KnownRecognizer()
-
-
 def measured_sentence() -> str:
     """The per-photo result the intro states, read from the shipped results (``make results``)."""
     from .report import per_photo_sentence
@@ -317,7 +311,7 @@ def protect_and_search(engine: Engine, photo: Image.Image, strength: str = "mid"
     lap("search before")
     prot = protect_image(original, pert, detect=not face_crop_input,
                          refine_steps=refine_module.DEFAULT_STEPS if refine else 0,
-                         recognizer=_recognizer() if refine else None, progress=bool(progress))
+                         progress=bool(progress))  # dlib's network: loaded once per process (refine.known_recognizer)
     if not prot.faces_found:  # the crop-level detector found one, the photo-level did not: rare
         raise ProtectError(NO_FACE_PROTECT)
     lap("refine and protect" if refine else "protect")

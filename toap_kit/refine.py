@@ -52,7 +52,8 @@ from .recognizer import CHIP_SIZE, load_dlib_resnet
 from .toap import DLIB_DESCRIPTOR
 
 __all__ = ["DEFAULT_STEPS", "STRENGTHS", "WORK_SIDE", "KnownRecognizer", "RefineConfig", "fit_universal",
-           "box_theta", "config_for", "landmark_thetas", "refine_deltas", "refine_faces", "strength_config"]
+           "box_theta", "config_for", "known_recognizer", "landmark_thetas", "refine_deltas", "refine_faces",
+           "strength_config"]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,19 @@ class KnownRecognizer:
         return (e - self.center) @ self.projection
 
 
+@lru_cache(maxsize=2)
+def _known_on(dev: torch.device) -> KnownRecognizer:
+    return KnownRecognizer(dev)
+
+
+def known_recognizer(device: torch.device | str | None = None) -> KnownRecognizer:
+    """The process's ``KnownRecognizer`` on ``device`` (default ``config.device()``): loaded on
+    the first call (dlib's network and the own layer, a few seconds), then reused. The
+    refinement's default, so that ``toap protect --refine`` and the demo load it only once a
+    face needs it (a photo without a face loads nothing), and once per process."""
+    return _known_on(torch.device(device) if device else default_device())
+
+
 @dataclass
 class _Refs:
     """What the loss compares against, per face: chips and clean references for both geometries."""
@@ -313,7 +327,8 @@ def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None 
         steps: optimisation steps (default ``DEFAULT_STEPS``); 0 returns ``init`` (projected).
         seed: the run's seed (draws, jitter): the same inputs and seed give the same deltas.
         config: a full ``RefineConfig`` instead of ``strength``/``steps``/``seed``.
-        recognizer: a loaded ``KnownRecognizer`` to reuse (its device is used).
+        recognizer: a loaded ``KnownRecognizer`` (its device is used); default
+            ``known_recognizer()``, loaded on first use.
         init: ``N x 3 x H x W`` starting deltas (e.g. a universal one); default zeros.
 
     Returns:
@@ -324,7 +339,7 @@ def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None 
     if faces.shape[-1] != faces.shape[-2] or faces.shape[-1] < 32:
         raise ValueError(f"faces must be square crops of at least 32 px, got {tuple(faces.shape[-2:])}")
     cfg = config or strength_config(strength, steps, seed)
-    rec = recognizer or KnownRecognizer()
+    rec = recognizer or known_recognizer()
     dev, n, side = rec.device, len(faces), faces.shape[-1]
     mask = torch.from_numpy(feather_mask(side)).to(dev) if cfg.feather else torch.ones(side, side, device=dev)
     delta = (torch.zeros(n, 3, side, side) if init is None else init.detach().float().clone()).to(dev)
@@ -376,7 +391,7 @@ def fit_universal(faces: torch.Tensor, labels: torch.Tensor, config: RefineConfi
     if labels.ndim != 1 or len(labels) != len(faces):
         raise ValueError(f"need one label per face, got {tuple(labels.shape)} for {len(faces)} faces")
     cfg = config
-    rec = recognizer or KnownRecognizer()
+    rec = recognizer or known_recognizer()
     dev, side = rec.device, faces.shape[-1]
     t0 = time.perf_counter()
     refs = _references(rec, faces, labels)
