@@ -187,6 +187,52 @@ def test_every_command_refuses_a_bad_device_up_front(tmp_path, capsys, monkeypat
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["me.jpg"]
 
 
+def test_cpu_threads_follow_the_environment_and_the_idle_cores(monkeypatch):
+    """Issue 28 item 11: torch's default (every CPU) made --refine 8-20x slower on a busy 2-core
+    machine; a command uses the idle physical cores (TOAP_THREADS or OMP_NUM_THREADS decide when set)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("TOAP_THREADS", "3")
+    assert config.cpu_threads() == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv("TOAP_THREADS", bad)
+        with pytest.raises(ValueError, match=f"TOAP_THREADS={bad!r}"):
+            config.cpu_threads()
+    monkeypatch.delenv("TOAP_THREADS")
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(config, "_physical_cores", lambda: 4)  # 4 cores, 2 hyper-threads each
+    for load, threads in ((0.0, 4), (0.4, 4), (1.2, 3), (3.0, 1), (9.5, 1)):
+        monkeypatch.setattr(config.os, "getloadavg", lambda: (load, 0.0, 0.0))
+        assert config.cpu_threads() == threads, f"load {load}"
+    monkeypatch.setattr(config, "_physical_cores", lambda: None)  # not known: the usable CPUs
+    monkeypatch.setattr(config.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert config.cpu_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert config.cpu_threads() == torch.get_num_threads()  # torch read OMP_NUM_THREADS itself
+
+
+def test_a_command_runs_on_the_chosen_threads_and_leaves_torch_as_it_was(tmp_path, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    seen = []
+
+    def opened(path):
+        seen.append(torch.get_num_threads())
+        raise protect.ProtectError("stop here")
+
+    monkeypatch.setattr(batch, "open_photo", opened)
+    photo = tmp_path / "me.jpg"
+    Image.open(PHOTO).save(photo)
+    want = 1 if before > 1 else 2
+    monkeypatch.setenv("TOAP_THREADS", str(want))
+    assert cli.main(["protect", str(photo), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert seen == [want] and torch.get_num_threads() == before
+    capsys.readouterr()
+    monkeypatch.setenv("TOAP_THREADS", "many")
+    assert cli.main(["protect", str(photo), "-o", str(tmp_path / "out2"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == "toap: error: TOAP_THREADS='many' is not a whole number >= 1\n" and len(seen) == 1
+    assert not (tmp_path / "out2").exists()
+
+
 def test_protect_files_and_the_demo_refuse_a_bad_device_up_front(tmp_path, monkeypatch):
     from toap_kit import demo
 

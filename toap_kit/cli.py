@@ -28,6 +28,11 @@ path relative to FOLDER, size and modification time); a changed file is indexed 
 faces removed first). The index keys files by that relative path: crawl one folder tree into
 one index.
 
+Environment: ``TOAP_DEVICE`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present)
+runs the networks there; ``TOAP_THREADS`` sets torch's CPU threads (default
+``config.cpu_threads``: the idle physical cores, or what ``OMP_NUM_THREADS`` says). A bad value
+of either is refused by every command before any photo is read.
+
 Exit codes: 0 done; 1 a runtime problem (one line on stderr; ``--debug`` shows the traceback)
 or, for ``protect`` and ``crawl``, at least one path failed (listed in the summary, and for
 ``protect`` in the manifest); 2 bad arguments.
@@ -40,6 +45,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from . import batch, config, crawl, protect, verify
 from .data import sha256_file
@@ -311,11 +318,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device() -> None:
-    """A bad ``TOAP_DEVICE`` is refused once, before any photo is read, by every command
-    (``config.device``: not a device, no CUDA, ``cuda:N`` past the devices torch sees)."""
+def _check_environment() -> None:
+    """``TOAP_DEVICE`` and ``TOAP_THREADS``, read once before any photo: a bad value is refused
+    by every command (``config.device``: not a device, no CUDA, ``cuda:N`` past the devices torch
+    sees); torch gets the threads ``config.cpu_threads`` chooses (the idle physical cores)."""
     try:
         config.device()
+        torch.set_num_threads(config.cpu_threads())
     except ValueError as e:
         raise protect.ProtectError(str(e)) from None
 
@@ -327,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "protect" and not (args.inputs or args.directory):
         parser.error("protect: no input: give photos or folders (INPUT... or -d DIR)")
     _setup_logging(args.debug, getattr(args, "quiet", False))
+    threads = torch.get_num_threads()
     try:
-        _check_device()
+        _check_environment()
         return {"protect": _cmd_protect, "verify": _cmd_verify, "crawl": _cmd_crawl,
                 "search": _cmd_search}[args.command](args)
     except KeyboardInterrupt:
@@ -342,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
         print(f"toap: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(threads)  # main() called from Python leaves torch as it found it
 
 
 if __name__ == "__main__":

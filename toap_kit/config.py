@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Config", "device", "setup", "seed_everything"]
+__all__ = ["Config", "cpu_threads", "device", "setup", "seed_everything"]
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "outputs"
 
@@ -51,6 +51,53 @@ def device() -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"TOAP_DEVICE={want!r} but Metal (mps) is not available here (try cpu)")
     return dev
+
+
+def _physical_cores() -> int | None:
+    """Physical CPU cores listed in ``/proc/cpuinfo`` (distinct physical and core ids; hyper-threads
+    share a core), or None where that is not known."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    cores = set()
+    for block in text.split("\n\n"):
+        fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in block.splitlines()))
+        if "core id" in fields:
+            cores.add((fields.get("physical id"), fields["core id"]))
+    return len(cores) or None
+
+
+def cpu_threads() -> int:
+    """Torch CPU threads for one ``toap`` command (the CLI sets them; a library caller keeps
+    torch's own choice, or sets its own).
+
+    ``TOAP_THREADS`` if set (a whole number >= 1); else, if ``OMP_NUM_THREADS`` is set, what
+    torch made of it; else the idle physical cores: the physical cores among the CPUs this
+    process may use, less the CPUs other processes keep busy (the 1-minute load average,
+    rounded), at least 1. Why: torch's threads of one operation wait for each other, so one
+    thread that shares its core with another process slows them all. Measured (issue 28,
+    ``--refine``, one 250x250 face, 100 steps, dlib's network loaded, on a 2-core machine whose
+    load average was 6 to 7): 1 thread 4.5 and 4.8 s, 2 threads (torch's default there) 38.7 and
+    109.2 s.
+
+    Raises:
+        ValueError: ``TOAP_THREADS`` is not a whole number >= 1.
+    """
+    given = os.environ.get("TOAP_THREADS", "").strip()
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise ValueError(f"TOAP_THREADS={given!r} is not a whole number >= 1")
+        return int(given)
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(usable, _physical_cores() or usable)
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:  # no load average on this system
+        busy = 0
+    return max(1, cores - busy)
 
 
 def seed_everything(seed: int) -> None:
