@@ -3,6 +3,7 @@ Milvus Lite's +-1 float vectors under IP rank exactly by Hamming distance; persi
 clear errors. Milvus Lite runs here (it writes under tmp_path); a Milvus server too: the session
 starts one from the ``milvus`` wheel (``conftest.milvus_server``), or ``TOAP_MILVUS_URI`` names one."""
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -394,3 +395,100 @@ def test_no_milvus_package_is_a_clear_reason(monkeypatch):
     with pytest.raises(ms.ServerUnavailable, match="pip install milvus"):
         ms.start()
     assert set(Path(tempfile.gettempdir()).glob("toap-milvus-*")) == before
+
+
+# ---------------------------------------------------------------- odd file names, the ledger's upkeep (issue 28)
+ODD_KEYS = ["O'Brien.jpg", "Pat_O'Neil/02.jpg", "back\\slash.jpg", "new\nline.jpg", 'double"quote.jpg',
+            "tab\tand ' \" \\ all.jpg", "\udcff\udcfe.jpg", "caf\u00e9/\u5f20\u4e09.jpg", "x" * 250 + ".jpg",
+            "a/" * 100 + "deep.jpg", "ok.jpg"]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "milvus-lite"])
+def test_the_ledger_takes_any_file_name(backend, data, tmp_path):
+    """Issue 28, item 2: Milvus Lite's ledger look-up built a filter from the names (``key in
+    ['O'Brien.jpg']``): an apostrophe, backslash or newline broke it, a name with bytes that are
+    not UTF-8 could not be sent. Every name goes in, is found again (also after a reopen), is
+    listed exactly by ``files`` and can be forgotten; its rows' ``source`` is printable text."""
+    db, _, _ = data
+    uri = f"faiss://{tmp_path / 'f.faiss'}" if backend == "faiss" else str(tmp_path / "f.db")
+    with X.open_index(uri, bits=BITS, engine="test") as ix:
+        for j, key in enumerate(ODD_KEYS):
+            ix.add(db[2 * j:2 * j + 2], file=(key, {"size": j}))
+        ix.save()
+    with X.open_index(uri) as ix:
+        found = ix.crawled(ODD_KEYS + ["missing.jpg"])
+        assert sorted(found) == sorted(ODD_KEYS) and [found[k]["size"] for k in ODD_KEYS] == list(range(len(ODD_KEYS)))
+        assert sorted(ix.files()) == sorted(ODD_KEYS) and len(ix) == 2 * len(ODD_KEYS)
+        hits = ix.search(db[12], 1)  # the first code of "\udcff\udcfe.jpg"
+        assert hits.meta[0][0]["source"] == "\\xff\\xfe.jpg" == X.shown("\udcff\udcfe.jpg")
+        ix.add(db[40:41], file=("O'Brien.jpg", {"size": 99}))  # added again: its two old rows go
+        assert len(ix) == 2 * len(ODD_KEYS) - 1 and ix.crawled(["O'Brien.jpg"])["O'Brien.jpg"]["faces"] == 1
+        ix.update_file("new\nline.jpg", {"size": 7, "ids": [123]})  # new facts; ids and faces kept
+        rec = ix.crawled(["new\nline.jpg"])["new\nline.jpg"]
+        assert rec["size"] == 7 and rec["faces"] == 2 and rec["ids"] == [6, 7]
+        assert ix.forget(["back\\slash.jpg", "\udcff\udcfe.jpg", "never.jpg"]) == 4
+        assert len(ix) == 2 * len(ODD_KEYS) - 5 and "back\\slash.jpg" not in ix.files()
+        assert set(ix.files()) == set(ODD_KEYS) - {"back\\slash.jpg", "\udcff\udcfe.jpg"}
+        ix.save()
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        X.open_index("faiss", bits=BITS).add(db[:1], [{"source": "\udcff.jpg"}])
+
+
+def test_a_version_1_milvus_ledger_is_upgraded(data, tmp_path):
+    """Version 1 kept a Milvus ledger under the names themselves: reopened, its files are found by
+    name and a file added again still loses its old rows."""
+    db, _, _ = data
+    uri = str(tmp_path / "old.db")
+    with X.open_index(uri, bits=BITS, engine="test") as ix:  # what version 1 wrote
+        ids = ix._reserve(2)
+        ix._insert(db[:2], ids, [{"source": "a/b.jpg"}] * 2)
+        old = {"info": {**ix.info, "version": 1}, "a/b.jpg": {"size": 3, "ids": ids.tolist(), "faces": 2, "done": True}}
+        ix._client.upsert(ix._files, [{"key": k if k != "info" else "/info", "record": r, "v": [0.0, 0.0]}
+                                      for k, r in old.items()])
+    with X.open_index(uri, engine="test") as ix:
+        assert ix.info["version"] == 2 and ix.crawled(["a/b.jpg"])["a/b.jpg"]["size"] == 3
+        assert list(ix.files()) == ["a/b.jpg"]
+        ix.add(db[5:6], file=("a/b.jpg", {"size": 4}))
+        assert len(ix) == 1
+
+
+def _faiss_file(tmp_path, bits=BITS, name="s.faiss"):
+    path = tmp_path / name
+    with X.open_index(f"faiss://{path}", bits=bits, engine="test") as ix:
+        ix.add(np.ones((3, bits), np.int8), file=("a.jpg", {"size": 1}))
+        ix.save()
+    return path, tmp_path / f"{name}.json"
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda doc: [doc], "not a toap face index sidecar"),
+    (lambda doc: {**doc, "info": ["x"]}, "not a toap face index"),
+    (lambda doc: {**doc, "meta": [1, 2]}, "damaged sidecar"),
+    (lambda doc: {**doc, "ledger": "x"}, "damaged sidecar"),
+    (lambda doc: {**doc, "ntotal": "3"}, "damaged sidecar"),
+])
+def test_a_damaged_faiss_sidecar_is_named(damage, says, tmp_path):
+    """Issue 28, item 9: a sidecar that is a JSON array gave "AttributeError: 'list' object ...";
+    every damaged sidecar is a ValueError naming it."""
+    path, side = _faiss_file(tmp_path)
+    side.write_text(json.dumps(damage(json.loads(side.read_text()))))
+    with pytest.raises(ValueError, match=says):
+        X.open_index(str(path))
+
+
+def test_a_faiss_file_of_another_bit_width_than_its_sidecar(tmp_path):
+    """Issue 28, item 9: a FAISS file of 64-bit codes under a sidecar that says 16 gave
+    "AssertionError" on search (and a crawl skipped everything): refused on open, saying both."""
+    path16, side16 = _faiss_file(tmp_path)
+    path64, _ = _faiss_file(tmp_path, 64, "b.faiss")
+    doc = json.loads(side16.read_text())
+    path16.write_bytes(path64.read_bytes())
+    doc["index_sha256"] = hashlib.sha256(path16.read_bytes()).hexdigest()
+    side16.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="holds 64-bit codes but its sidecar says 16"):
+        X.open_index(str(path16))
+    path16.write_bytes(b"not a faiss index at all")
+    doc["index_sha256"] = hashlib.sha256(path16.read_bytes()).hexdigest()
+    side16.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="not a FAISS binary index"):
+        X.open_index(str(path16))

@@ -59,7 +59,22 @@ and when it was created (``info``); each row's metadata (a JSON object: ``source
 ``identity`` by convention, anything else JSON can hold); and, for crawlers, a ledger of the
 files already indexed (``add(..., file=(key, record))``, ``crawled(keys)``): adding a file's
 faces again first removes the rows the file had (a changed file, or an add that was cut short),
-so a rerun never duplicates a face. One writer at a time per index.
+so a rerun never duplicates a face; ``files()`` lists the ledger, ``forget(keys)`` removes files
+(rows and records), ``update_file`` records new facts of an unchanged file. A key is any name
+(apostrophes, newlines, bytes that are not UTF-8 as ``os.fsdecode`` gives them); metadata is
+valid Unicode text (``shown(name)`` makes any name so).
+
+**One writer at a time**: ``lock(uri)`` holds ``PATH.lock`` next to a file index (FAISS file or
+Milvus Lite) with an exclusive ``fcntl.flock`` and writes the holder's pid into it; another
+process is refused at once with ``IndexInUse`` ("index in use by another run (pid N)").
+``lock(uri, write=False)`` is the reader's: shared on a FAISS file (searches run side by side,
+never beside a crawl), exclusive on Milvus Lite (it cannot be opened by two processes at once).
+The lock dies with its process, also under SIGKILL: a lock file left by a dead process (its pid
+still in it) is simply taken over; the file stays, locking nothing, after a run. A server URI
+has no lock file: a Milvus server takes concurrent clients, and two crawls into one collection
+are the user's to avoid. ``check_location(uri)`` says, before any work, why a file index cannot
+be used there (a file where a folder must be, a plain file where Milvus Lite keeps a folder, a
+folder that is not writable).
 
 **A Milvus server for the tests** (``tests/test_index.py`` uses one when ``TOAP_MILVUS_URI`` is
 set, and skips that test otherwise): Milvus standalone with its docker compose file,
@@ -73,16 +88,23 @@ and names everything public; ``index_core`` holds the codes (``as_codes``), ``Hi
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 from urllib.parse import parse_qs
 
-from .index_core import FORMAT, FaceIndex, Hits, _check_bits, as_codes
+from .index_core import FORMAT, FaceIndex, Hits, _check_bits, as_codes, shown
 from .index_faiss import FaissIndex
 from .index_milvus import DEFAULT_COLLECTION, MILVUS_MAX_LIMIT, MilvusIndex
 
-__all__ = ["DEFAULT_COLLECTION", "FORMAT", "FaceIndex", "FaissIndex", "Hits", "MILVUS_MAX_LIMIT", "MilvusIndex",
-           "as_codes", "open_index", "parse_uri"]
+__all__ = ["DEFAULT_COLLECTION", "FORMAT", "FaceIndex", "FaissIndex", "Hits", "IndexInUse", "MILVUS_MAX_LIMIT",
+           "MilvusIndex", "as_codes", "check_location", "lock", "open_index", "parse_uri", "shown"]
+
+log = logging.getLogger(__name__)
 
 _SERVER_SCHEMES = ("http", "https", "tcp")
 _URI_HELP = ("'faiss' (in memory), 'faiss://PATH' or 'PATH.faiss' (a FAISS file), 'milvus://PATH.db' or 'PATH.db' "
@@ -179,3 +201,124 @@ def open_index(uri: str, bits: int | None = None, engine: str | None = None, *, 
     name = collection or target.options.get("collection") or DEFAULT_COLLECTION
     return MilvusIndex(target.location, bits, engine, server=target.kind == "milvus-server", ivf=ivf,
                        nprobe=nprobe, collection=name, token=token, uri=str(uri))
+
+
+# ---------------------------------------------------------------- where a file index lives
+def _file_location(uri: str) -> tuple[str, Path] | None:
+    """``(kind, path)`` of a file index (FAISS file or Milvus Lite), None for memory or a server."""
+    target = parse_uri(uri)
+    if target.kind == "milvus-server" or target.location is None:
+        return None
+    return target.kind, Path(target.location).expanduser()
+
+
+def _not_writable(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` (a probe file made and removed), or None."""
+    probe = folder / f".toap-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def check_location(uri: str, write: bool = True) -> None:
+    """Check, before any work, that the file index at ``uri`` can be used: ``ValueError`` with
+    one line naming the cause. Nothing to check for memory or a server.
+
+    Args:
+        uri: the index (``open_index``'s URIs).
+        write: the index will be written (a crawl): it, or the folder it goes to, must be
+            writable. Milvus Lite writes in its folder even to search, so it is checked anyway.
+
+    Raises:
+        ValueError: a file where a folder must be (the index's folder or one above it); a
+            folder where a FAISS file must be; a plain file (text, empty, anything) where
+            Milvus Lite keeps its folder, or a folder with other things in it; a folder that
+            cannot be written (read-only, no permission).
+    """
+    found = _file_location(uri)
+    if found is None:
+        return
+    kind, path = found
+    what = "Milvus Lite index" if kind == "milvus-lite" else "FAISS index file"
+    above = path.parent
+    try:
+        while not above.exists():
+            above = above.parent
+        if not above.is_dir():
+            raise ValueError(f"cannot use {path} as an index: {above} is a file, not a folder")
+        exists = os.path.lexists(path)
+        is_dir = path.is_dir()
+    except OSError as e:
+        raise ValueError(f"cannot use {path} as an index: {e.strerror or e} ({e.filename or above})") from None
+    if exists and kind == "faiss" and (is_dir or not path.is_file()):
+        raise ValueError(f"{path} is {'a folder' if is_dir else 'not a regular file'}, not a {what}")
+    if exists and kind == "milvus-lite":
+        if not is_dir:
+            desc = ("an empty file" if path.stat().st_size == 0 else "a plain file") if path.is_file() else "not a folder"
+            raise ValueError(f"{path} is {desc}, not a {what} (Milvus Lite keeps its index in a folder of that "
+                             "name): move it away or choose another name")
+        inside = {p.name for p in path.iterdir()}
+        if inside and not {"collections", "databases"} <= inside:
+            raise ValueError(f"{path} is a folder that is not a {what} (no collections/ and databases/ in it): "
+                             "choose another name")
+    if write or kind == "milvus-lite":
+        folder = path if exists and kind == "milvus-lite" else path.parent if path.parent.exists() else above
+        why = _not_writable(folder)
+        if why:
+            raise ValueError(f"cannot write the {what} {path}: {folder} is not writable ({why})"
+                             + ("; Milvus Lite writes in its folder even to search" if not write else ""))
+
+
+class IndexInUse(RuntimeError):
+    """Another process holds the index's lock (``lock``)."""
+
+
+@contextmanager
+def lock(uri: str, write: bool = True) -> Iterator[None]:
+    """Hold the lock of the file index at ``uri`` while the block runs (module docstring): an
+    exclusive ``flock`` on ``PATH.lock`` to write, or to open Milvus Lite at all; a shared one
+    to read a FAISS file. Nothing for memory or a server. The index's folder must exist.
+
+    Raises:
+        IndexInUse: another process holds it ("index in use by another run (pid N)").
+        ValueError: the lock file cannot be made (``check_location`` first says why).
+    """
+    found = _file_location(uri)
+    if found is None:
+        yield
+        return
+    kind, path = found
+    exclusive = write or kind == "milvus-lite"
+    lock_file = path.with_name(path.name + ".lock")
+    try:
+        f = open(lock_file, "a+")
+    except OSError as e:
+        if exclusive:
+            raise ValueError(f"cannot make the lock file {lock_file}: {e.strerror or e}") from None
+        try:  # a reader in a read-only place: the lock file a writer left, if any
+            f = open(lock_file)
+        except OSError:
+            log.debug("no lock file %s (%s): reading unguarded", lock_file, e.strerror)
+            yield
+            return
+    with f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read(20).strip() or "unknown"
+            raise IndexInUse(f"index in use by another run (pid {pid}): wait until it ends, then run again "
+                             f"({path})") from None
+        except OSError as e:  # a file system without locks (some network drives): go on, unguarded
+            log.warning("cannot lock %s (%s): make sure no other run uses %s", lock_file, e.strerror, path)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError as e:  # a shared lock on a file another user owns
+            log.debug("cannot write the pid into %s: %s", lock_file, e.strerror)
+        yield  # the lock goes with the file's closing, or with the process

@@ -1,7 +1,9 @@
 """The face index's core (see ``toap_kit.index``'s docstring, the one to read first): face codes
 (``as_codes``: {-1, +1} or bit-packed, checked), the ``Hits`` of a search, and ``FaceIndex``, the
 interface every backend implements (``add`` with the crawler's ledger, ``crawled``, the exact
-top-k ``search`` with ties by lowest id). The backends are ``index_faiss`` and ``index_milvus``.
+top-k ``search`` with ties by lowest id, the crawler's ledger: ``crawled``, ``files``, ``forget``,
+``update_file``), and ``shown``, a file name as text that any output can print. The backends are
+``index_faiss`` and ``index_milvus``.
 """
 from __future__ import annotations
 
@@ -15,13 +17,20 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["FORMAT", "FaceIndex", "Hits", "as_codes"]
+__all__ = ["FORMAT", "FaceIndex", "Hits", "as_codes", "shown"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "toap-face-index"
 """Name of the index format (in ``info``); its version is ``_VERSION``."""
-_VERSION = 1
+_VERSION = 2  # 2: a Milvus ledger keys a file by the sha256 of its name (``index_milvus``); 1 is read and upgraded
+
+
+def shown(name: str) -> str:
+    """``name`` as text any output can print and any backend can store: a file name's bytes that
+    are not UTF-8 (``os.fsdecode`` keeps them as lone surrogates, which a strict UTF-8 stream, a
+    Milvus string and strict JSON all refuse) become ``\\xNN``; any other name is returned as it is."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------- codes
@@ -84,10 +93,19 @@ def _json_meta(m, i: int) -> dict:
         if m.get(key) is not None and not isinstance(m[key], str):
             raise ValueError(f"metadata {key!r} of row {i} must be a string, got {m[key]!r}")
     try:
-        json.dumps(m, allow_nan=False)
+        json.dumps(m, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"metadata of row {i} holds text that is not valid Unicode (a file name's undecodable "
+                         "bytes?): pass names through index.shown()") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata of row {i} cannot be stored as JSON: {e}") from None
     return m
+
+
+def _check_key(key) -> str:
+    if not isinstance(key, str) or not key or key.startswith("/"):
+        raise ValueError(f"a file key must be a non-empty string not starting with '/', got {key!r}")
+    return key
 
 # ---------------------------------------------------------------- the interface
 @dataclass
@@ -133,8 +151,9 @@ class FaceIndex(abc.ABC):
 
     def _adopt_info(self, info: dict, bits: int | None, engine: str | None) -> None:
         """Check a stored ``info`` against what the caller asked for, then take it."""
-        if info.get("format") != FORMAT or not isinstance(info.get("bits"), int):
-            raise ValueError(f"{self.uri}: not a toap face index (its info is {info!r})")
+        if (not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("bits"), int)
+                or not isinstance(info.get("version", 0), int)):
+            raise ValueError(f"{self.uri}: not a toap face index (its info is {str(info)[:200]})")
         if info.get("version", 0) > _VERSION:
             raise ValueError(f"{self.uri}: index format version {info['version']} is newer than this kit's {_VERSION}")
         if bits is not None and bits != info["bits"]:
@@ -168,6 +187,13 @@ class FaceIndex(abc.ABC):
     def _ledger_put(self, records: dict[str, dict]) -> None: ...
 
     @abc.abstractmethod
+    def _ledger_delete(self, keys: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    def _ledger_files(self) -> dict[str, dict]:
+        """Every file's ledger record (finished or not), by its key."""
+
+    @abc.abstractmethod
     def _reserve(self, n: int) -> np.ndarray: ...
 
     def save(self, path: str | os.PathLike | None = None) -> None:
@@ -197,8 +223,10 @@ class FaceIndex(abc.ABC):
                 JSON can hold (a face box, ...).
             file: ``(key, record)``: these rows are every face of one file (``N`` may be 0),
                 ``key`` (e.g. its path relative to the crawled folder, never starting with
-                ``/``) and ``record`` (a JSON dict: size, mtime, ...) go into the ledger that
-                ``crawled`` reads. Rows the key had before are removed first.
+                ``/``; any name, undecodable bytes as ``os.fsdecode`` gives them included) and
+                ``record`` (a JSON dict: size, mtime, ...) go into the ledger that ``crawled``
+                reads. Rows the key had before are removed first. A row without a ``source``
+                gets ``shown(key)``.
         """
         c = as_codes(codes, self.bits)
         meta = [None] * len(c) if meta is None else list(meta)
@@ -211,8 +239,7 @@ class FaceIndex(abc.ABC):
                 self._insert(c, ids, rows)
             return ids
         key, record = file
-        if not isinstance(key, str) or not key or key.startswith("/"):
-            raise ValueError(f"a file key must be a non-empty string not starting with '/', got {key!r}")
+        _check_key(key)
         record = _json_meta(record, 0)
         old = self._ledger_get([key]).get(key)
         if old and old.get("ids"):
@@ -221,7 +248,7 @@ class FaceIndex(abc.ABC):
         entry = {**record, "ids": ids.tolist(), "faces": len(c)}
         self._ledger_put({key: {**entry, "done": False}})  # an add cut short leaves this: the rerun cleans up
         for r in rows:
-            r.setdefault("source", key)
+            r.setdefault("source", shown(key))
         if len(c):
             self._insert(c, ids, rows)
         self._ledger_put({key: {**entry, "done": True}})
@@ -235,6 +262,33 @@ class FaceIndex(abc.ABC):
         for j in range(0, len(keys), 1000):
             out.update({k: r for k, r in self._ledger_get(keys[j:j + 1000]).items() if r.get("done")})
         return out
+
+    def files(self) -> dict[str, dict]:
+        """Every file in the ledger (``add(file=...)``), finished or cut short, by its key."""
+        return self._ledger_files()
+
+    def update_file(self, key: str, record: Mapping) -> None:
+        """Record new facts (``record``: size, mtime, ...) of a file already indexed whose faces
+        are unchanged (its content was checked); ``ids`` and ``faces`` are kept. ``KeyError``
+        if ``key`` was never added."""
+        old = self._ledger_get([_check_key(key)]).get(key)
+        if old is None:
+            raise KeyError(key)
+        record = {k: v for k, v in _json_meta(record, 0).items() if k not in ("ids", "faces", "done")}
+        self._ledger_put({key: {**old, **record}})
+
+    def forget(self, keys: Sequence[str]) -> int:
+        """Remove files from the index: their rows and their ledger records (keys not in the
+        ledger are passed over). Returns the number of rows removed."""
+        keys, removed = [_check_key(k) for k in keys], 0
+        for j in range(0, len(keys), 1000):
+            found = self._ledger_get(keys[j:j + 1000])
+            ids = [int(i) for r in found.values() for i in r.get("ids") or ()]
+            before = len(self)
+            self._delete(ids)
+            removed += before - len(self)
+            self._ledger_delete(list(found))
+        return removed
 
     def search(self, queries, k: int = 10) -> Hits:
         """The ``k`` nearest rows of each query by Hamming distance (ties: lowest id first).

@@ -85,11 +85,24 @@ class FaissIndex(FaceIndex):
             doc = json.loads(side.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{side}: unreadable sidecar: {e}") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{side}: not a toap face index sidecar (a JSON {type(doc).__name__}, not an object)")
         self._adopt_info(doc.get("info", {}), bits, engine)
+        wrong = [k for k, kind in (("meta", dict), ("ledger", dict), ("ntotal", int), ("next_id", int))
+                 if not isinstance(doc.get(k, {} if kind is dict else 0), kind) or isinstance(doc.get(k), bool)]
+        if wrong:
+            raise ValueError(f"{side}: damaged sidecar ({', '.join(wrong)} of the wrong type): save the index again "
+                             "or crawl into a new one")
         if doc.get("index_sha256") != _sha256(self.path):
             raise ValueError(f"{self.path} and its sidecar {side.name} do not belong together (a save was cut "
                              "short, or one of them was replaced)")
-        self._index = self._faiss.read_index_binary(str(self.path))
+        try:
+            self._index = self._faiss.read_index_binary(str(self.path))
+        except RuntimeError as e:
+            raise ValueError(f"{self.path}: not a FAISS binary index ({str(e).strip().splitlines()[-1][:200]})") from None
+        if self._index.d != self.bits:
+            raise ValueError(f"{self.path} holds {self._index.d}-bit codes but its sidecar says {self.bits}: "
+                             "they do not belong together")
         self.exact = "ivf" not in self.info
         if ivf is not None and ivf != self.info.get("ivf"):
             raise ValueError(f"{self.path} was built with ivf={self.info.get('ivf')}, not {ivf}")
@@ -97,8 +110,11 @@ class FaissIndex(FaceIndex):
             if nprobe:
                 self.info["nprobe"] = nprobe
             self._index.nprobe = int(self.info["nprobe"])
-        self._rows = {int(i): m for i, m in doc.get("meta", {}).items()}
-        self._ledger = doc.get("ledger", {})
+        try:
+            self._rows = {int(i): dict(m) for i, m in doc.get("meta", {}).items()}
+            self._ledger = {str(k): dict(r) for k, r in doc.get("ledger", {}).items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"{side}: damaged sidecar (rows or ledger records of the wrong type)") from None
         self._next = int(doc.get("next_id", self._index.ntotal))
         if self._index.ntotal != doc.get("ntotal"):
             raise ValueError(f"{self.path}: the sidecar counts {doc.get('ntotal')} rows, the index {self._index.ntotal}")
@@ -150,6 +166,13 @@ class FaissIndex(FaceIndex):
 
     def _ledger_put(self, records) -> None:
         self._ledger.update(records)
+
+    def _ledger_delete(self, keys) -> None:
+        for k in keys:
+            self._ledger.pop(k, None)
+
+    def _ledger_files(self) -> dict[str, dict]:
+        return dict(self._ledger)
 
     def save(self, path: str | os.PathLike | None = None) -> None:
         """Write the index to ``path`` (default: the path it was opened with) and the sidecar

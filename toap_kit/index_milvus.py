@@ -1,9 +1,18 @@
 """The Milvus backend of the face index (see ``toap_kit.index``'s docstring): ``MilvusIndex`` on
 Milvus Lite (embedded, a ``.db`` path; codes as +-1 float vectors under the inner product) or on
 a Milvus server (binary vectors under ``HAMMING``).
+
+**The ledger never puts a file name into a filter.** Milvus looks keys up through an expression
+(``key in ['...']``) in which an apostrophe, a backslash or a newline of a name breaks the
+expression (LFW has O'Brien-style names), and a name whose bytes are not UTF-8 cannot be sent at
+all. So a file's ledger row is keyed by ``/f/`` + the sha256 (hex) of its name's bytes (UTF-8,
+undecodable bytes as they were: ``surrogateescape``), and the name itself is kept in the record
+(``_key``: ``shown(name)``, and ``_key_bytes``, its bytes in hex, where that is not the name).
+An index of format version 1 (names as keys) is upgraded when it is opened.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -11,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .index_core import FaceIndex, _check_bits
+from .index_core import _VERSION, FaceIndex, _check_bits, shown
 
 __all__ = ["DEFAULT_COLLECTION", "MILVUS_MAX_LIMIT", "MilvusIndex"]
 
@@ -24,6 +33,33 @@ MILVUS_MAX_LIMIT = 16384
 _INSERT_CHUNK = 10_000  # rows per Milvus insert (a gRPC message stays well under its size limit)
 _QUERY_CHUNK = 256      # queries per Milvus search call
 _NEXT_ID, _INFO = "/next_id", "/info"  # ledger keys of the index's own records (a relative path never starts with /)
+_FILE = "/f/"  # a file's ledger key: this + the sha256 of its name (``_row_key``)
+_NAME, _NAME_BYTES = "_key", "_key_bytes"  # the name, in a file's ledger record
+_VARCHAR_MAX = 4096  # bytes of a row's ``source`` (the schema's max_length)
+
+
+def _row_key(key: str) -> str:
+    """The ledger row's primary key of ``key``: the index's own records as they are, a file by
+    the sha256 of its name (hex digits and ``/f/``: safe in any Milvus expression)."""
+    if key.startswith("/"):
+        return key
+    return _FILE + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _named(key: str, record: dict) -> dict:
+    """``record`` with the file's name in it (``_NAME``; ``_NAME_BYTES`` where the name has
+    bytes that are not UTF-8)."""
+    if key.startswith("/"):
+        return record
+    text = shown(key)
+    return {**record, _NAME: text, **({_NAME_BYTES: key.encode("utf-8", "surrogateescape").hex()} if text != key else {})}
+
+
+def _unnamed(record: dict) -> tuple[str | None, dict]:
+    """``(name, record)`` of a stored ledger record (the name None for the index's own records)."""
+    record = dict(record)
+    name, raw = record.pop(_NAME, None), record.pop(_NAME_BYTES, None)
+    return (bytes.fromhex(raw).decode("utf-8", "surrogateescape") if raw else name), record
 
 
 def _quote(ids: Iterable[int]) -> str:
@@ -57,15 +93,26 @@ class MilvusIndex(FaceIndex):
                 raise FileNotFoundError(f"no index at {path}: give bits (and engine) to create one")
             path.parent.mkdir(parents=True, exist_ok=True)
             target, kw = str(path), {}
-        self._client = MilvusClient(target, **kw)
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            self._client = MilvusClient(target, **kw)
+            exists = self._client.has_collection(self._coll)
+        except MilvusException as e:
+            if server:
+                raise ConnectionError(f"cannot reach the Milvus server at {location}: {e.message}") from None
+            raise ConnectionError(f"cannot open the Milvus Lite index {target} ({e.message}): another program may "
+                                  "be using it, or it is damaged") from None
         c = self._client
-        if c.has_collection(self._coll):
+        if exists:
             for name in (self._coll, self._files):
                 c.load_collection(name)
             info = self._ledger_get([_INFO]).get(_INFO)
             if info is None:
                 raise ValueError(f"{uri}: collection {collection!r} is not a toap face index (no {_INFO} record)")
             self._adopt_info(info, bits, engine)
+            if self.info.get("version", 0) < 2:
+                self._upgrade_ledger()
             if ivf is not None and ivf != self.info.get("ivf"):
                 raise ValueError(f"{uri} was built with ivf={self.info.get('ivf')}, not {ivf}")
             if nprobe:
@@ -85,6 +132,21 @@ class MilvusIndex(FaceIndex):
             self._ledger_put({_INFO: self.info, _NEXT_ID: {"value": 0}})
         self.exact = "ivf" not in self.info
 
+    def _upgrade_ledger(self) -> None:
+        """Format version 1 keyed a file's ledger row by its name: re-key every such row (``_row_key``)."""
+        n = 0
+        while True:
+            rows = self._client.query(self._files, filter='not (key like "/%")', output_fields=["key", "record"],
+                                      limit=MILVUS_MAX_LIMIT)
+            if not rows:
+                break
+            self._ledger_put({r["key"]: r["record"] for r in rows})
+            self._client.delete(self._files, ids=[r["key"] for r in rows])  # v1 names are safe in a filter
+            n += len(rows)
+        self.info["version"] = _VERSION
+        self._ledger_put({_INFO: self.info})
+        log.info("%s: ledger of %d files upgraded to format version %d", self.uri, n, _VERSION)
+
     def _create(self) -> None:
         from pymilvus import DataType
 
@@ -95,7 +157,7 @@ class MilvusIndex(FaceIndex):
             s.add_field("code", DataType.BINARY_VECTOR, dim=self.bits)
         else:
             s.add_field("code", DataType.FLOAT_VECTOR, dim=self.bits)
-        s.add_field("source", DataType.VARCHAR, max_length=4096)
+        s.add_field("source", DataType.VARCHAR, max_length=_VARCHAR_MAX)
         s.add_field("identity", DataType.VARCHAR, max_length=1024)
         s.add_field("meta", DataType.JSON)
         p = c.prepare_index_params()
@@ -143,6 +205,10 @@ class MilvusIndex(FaceIndex):
         return codes.astype(np.float32).tolist()
 
     def _insert(self, codes, ids, meta) -> None:
+        for m in meta:
+            for key, most in (("source", _VARCHAR_MAX), ("identity", 1024)):
+                if len(str(m.get(key) or "").encode()) > most:
+                    raise ValueError(f"a row's {key} is longer than Milvus stores ({most} bytes): {str(m[key])[:80]}...")
         for j in range(0, len(codes), _INSERT_CHUNK):
             vec = self._vectors(codes[j:j + _INSERT_CHUNK])
             rows = [{"id": int(i), "code": v, "source": str(m.get("source") or ""),
@@ -191,11 +257,25 @@ class MilvusIndex(FaceIndex):
     def _ledger_get(self, keys) -> dict[str, dict]:
         if not keys:
             return {}
-        rows = self._client.get(self._files, ids=list(keys), output_fields=["record"])
-        return {r["key"]: r["record"] for r in rows}
+        wanted = {_row_key(k): k for k in keys}
+        rows = self._client.get(self._files, ids=list(wanted), output_fields=["record"])
+        return {wanted[r["key"]]: _unnamed(r["record"])[1] for r in rows if r["key"] in wanted}
 
     def _ledger_put(self, records) -> None:
-        self._client.upsert(self._files, [{"key": k, "record": r, "v": [0.0, 0.0]} for k, r in records.items()])
+        self._client.upsert(self._files, [{"key": _row_key(k), "record": _named(k, r), "v": [0.0, 0.0]}
+                                          for k, r in records.items()])
+
+    def _ledger_delete(self, keys) -> None:
+        for j in range(0, len(keys), 1000):
+            self._client.delete(self._files, ids=[_row_key(k) for k in keys[j:j + 1000]])
+
+    def _ledger_files(self, prefix: str = _FILE) -> dict[str, dict]:
+        # a query returns at most MILVUS_MAX_LIMIT rows: a full prefix is split by its next hex digit
+        rows = self._client.query(self._files, filter=f'key like "{prefix}%"', output_fields=["record"],
+                                  limit=MILVUS_MAX_LIMIT)
+        if len(rows) >= MILVUS_MAX_LIMIT:
+            return {k: r for h in "0123456789abcdef" for k, r in self._ledger_files(prefix + h).items()}
+        return dict(_unnamed(r["record"]) for r in rows)
 
     def save(self, path=None) -> None:
         """Flush what was added (Milvus persists by itself; ``path`` is not used)."""
