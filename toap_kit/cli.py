@@ -4,7 +4,7 @@
     toap protect INPUT... -o OUTDIR --refine [STEPS]       # each face refined against dlib's network
     toap verify ORIGINAL UPLOADED [--json]                  # the copy downloaded back from a platform
     toap verify ORIGINAL PROTECTED --simulate facebook      # a platform profile applied here
-    toap crawl FOLDER --index outputs/faces.db [--engine NAME] [--label-from-folder]
+    toap crawl FOLDER --index outputs/faces.db [--engine NAME] [--label-from-folder] [--prune]
     toap search PHOTO --index outputs/faces.db [--k 10] [--json]
 
 ``protect`` writes protected copies under OUTDIR keeping names and formats (JPEG at quality 95,
@@ -24,9 +24,14 @@ kit's engines see it, encoded by a zoo engine, stored with its source file, box 
 ``http://HOST:19530`` a Milvus server), and a search that lists the top k for every face of a
 photo (``crawl.search_photo``). The index remembers its engine and code length: a crawl or search
 with another engine is refused. A rerun of ``crawl`` skips every file already indexed (same
-path relative to FOLDER, size and modification time); a changed file is indexed again (its old
-faces removed first). The index keys files by that relative path: crawl one folder tree into
-one index.
+path relative to FOLDER, size, modification and change time; where only the times moved, the
+sha256 decides; ``--verify-sha`` compares it for every file); a changed file is indexed again
+(its old faces removed first). The index keys files by that relative path: crawl one folder tree
+into one index. The summary counts the indexed files that are gone from FOLDER; ``--prune``
+removes their faces. One crawl at a time: a second crawl or a search into a FAISS file or Milvus
+Lite index in use is refused ("index in use by another run (pid N)"; the lock is ``PATH.lock``,
+none for a server), and an index location that cannot be used is refused before any photo is
+read. Names print as ``toap_kit.index.shown`` gives them (bytes that are not UTF-8 as \\xNN).
 
 Environment: ``TOAP_DEVICE`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present)
 runs the networks there; ``TOAP_THREADS`` sets torch's CPU threads (default
@@ -151,6 +156,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="the zoo engine that encodes the faces (default: the index's, or dlib_itq_32 for a new one)")
     cr.add_argument("--label-from-folder", action="store_true",
                     help="record each face's identity as the name of the folder its photo is in")
+    cr.add_argument("--prune", action="store_true",
+                    help="remove the faces of indexed files that are gone from FOLDER (the summary counts them "
+                         "either way)")
+    cr.add_argument("--verify-sha", action="store_true",
+                    help="compare the sha256 of every indexed file (default: only of files whose size is the "
+                         "same but whose modification or change time moved)")
     cr.add_argument("--no-progress", action="store_true", help="no progress bar")
     cr.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     cr.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -173,8 +184,10 @@ def _parser() -> argparse.ArgumentParser:
 def crawl_help() -> str:
     return ("Walk FOLDER, find every face in every photo with the kit's detector, encode each with a zoo "
             "engine and insert it into a face index with its source file (relative to FOLDER), box and, with "
-            "--label-from-folder, identity. A rerun skips the files already indexed (same relative path, size "
-            "and modification time) and indexes changed ones again; the index remembers its engine.")
+            "--label-from-folder, identity. A rerun skips the files already indexed (same relative path, size, "
+            "modification and change time; where only the times moved, the sha256 decides) and indexes changed "
+            "ones again; the index remembers its engine. Indexed files gone from FOLDER are counted (--prune "
+            "removes their faces). One crawl at a time per index (PATH.lock next to a file index).")
 
 
 def protect_help() -> str:
@@ -293,7 +306,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_crawl(args: argparse.Namespace) -> int:
     s = crawl.crawl_folder(args.folder, args.index, args.engine, label_from_folder=args.label_from_folder,
-                     progress=not (args.no_progress or args.quiet or args.json))
+                           progress=not (args.no_progress or args.quiet or args.json), prune=args.prune,
+                           verify_sha=args.verify_sha)
     if args.json:
         print(json.dumps(s, indent=1))
     elif not args.quiet:
