@@ -303,6 +303,25 @@ def test_refine_loads_dlibs_network_only_once_a_face_needs_it(tmp_path, monkeypa
     assert loads == [1], "loaded once for the folder"
 
 
+def test_the_own_layer_is_fitted_once_and_then_read_back(tmp_path, monkeypatch):
+    """Issue 28 item 11: fitting it (every lfw158 face read, ITQ) was most of a --refine
+    process's start; the cached layer is the fitted one, and a damaged cache file is fitted again."""
+    monkeypatch.setattr(refine, "OWN_LAYER_CACHE", tmp_path / "cache")
+    refine._own_layer.cache_clear()
+    fitted = refine._own_layer()
+    (cached,) = (tmp_path / "cache").iterdir()
+    refine._own_layer.cache_clear()
+    monkeypatch.setattr(refine, "load_faceset", lambda *a, **k: pytest.fail("fitted again although cached"))
+    assert all(torch.equal(a, b) for a, b in zip(refine._own_layer(), fitted))
+    monkeypatch.undo()
+    monkeypatch.setattr(refine, "OWN_LAYER_CACHE", tmp_path / "cache")
+    cached.write_bytes(b"not an npz file")
+    refine._own_layer.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(refine._own_layer(), fitted))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cached.name]
+    refine._own_layer.cache_clear()  # later tests read the real cache again
+
+
 def test_refinement_works_under_a_callers_no_grad(faces, rec):
     with torch.no_grad():
         d = refine.refine_deltas(faces[:1], "mid", steps=2, recognizer=rec)

@@ -32,8 +32,10 @@ the square's edge as ``toap protect`` writes it, PSNR >= the strength's floor):
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -44,8 +46,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import postprocess, teacher, zoo
+from .config import OUTPUT_DIR
 from .config import device as default_device
-from .data import check_pixels, load_faceset, make_protocol
+from .data import DATA_DIR, check_pixels, load_faceset, make_protocol
 from .hashing import ITQ
 from .perturbation import Perturbation, feather_mask
 from .recognizer import CHIP_SIZE, load_dlib_resnet
@@ -63,6 +66,9 @@ DEFAULT_STEPS = 100
 WORK_SIDE = 160
 """``toap protect --refine`` refines each face square at this side (larger squares are resized;
 the delta is scaled back up to the square, as a universal one is)."""
+OWN_LAYER_CACHE = OUTPUT_DIR / "refine-cache"
+"""Where the protector's own hash layer (``_own_layer``), fitted once per checkout, is kept (git-ignored)."""
+_OWN_LAYER_VERSION = 1  # bump when the way the own layer is fitted changes: older cache files are not read
 
 
 @dataclass(frozen=True)
@@ -191,13 +197,35 @@ def _jitter(theta: torch.Tensor, cfg: RefineConfig, gen: torch.Generator) -> tor
 @lru_cache(maxsize=1)
 def _own_layer(bits: int = 48, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(center, projection)`` of the protector's own ITQ layer, fitted on the shipped teacher
-    descriptors of the open-set protocol's training identities (no evaluation person)."""
+    descriptors of the open-set protocol's training identities (no evaluation person).
+
+    Fitting it reads every lfw158 face for the protocol and runs ITQ (3 to 10 s, most of a
+    ``toap protect --refine`` process's start), so the result is kept in ``OWN_LAYER_CACHE``
+    under a key of everything it depends on (the descriptors, their paths, the face set's
+    manifest, ``bits``, ``seed``, ``_OWN_LAYER_VERSION``); an unreadable cache file is fitted again."""
     emb, paths = teacher.load_embeddings("lfw158")
+    h = hashlib.sha256(f"{_OWN_LAYER_VERSION} {bits} {seed}\n".encode() + emb.tobytes() + "\n".join(paths).encode())
+    h.update((DATA_DIR / "lfw158" / "manifest.csv").read_bytes())
+    cached = OWN_LAYER_CACHE / f"own-layer-{h.hexdigest()[:16]}.npz"
+    try:
+        with np.load(cached, allow_pickle=False) as f:
+            return torch.from_numpy(f["center"]).float(), torch.from_numpy(f["projection"]).float()
+    except (OSError, ValueError, KeyError, EOFError):  # not cached yet, or a damaged file: fit it
+        pass
     faces = load_faceset("lfw158", 32)
     if list(faces.paths) != list(paths):
         raise ValueError("data/teacher/lfw158 does not list the faces of data/lfw158 in order; run `make artifacts`")
     itq = ITQ(bits, seed=seed).fit(emb[make_protocol(faces).train])
-    return torch.from_numpy(itq.mean).float(), torch.from_numpy(itq.pca @ itq.rotation).float()
+    center, projection = itq.mean.astype(np.float32), (itq.pca @ itq.rotation).astype(np.float32)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npz")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, center=center, projection=projection)
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only checkout: fitted again next time
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot cache the refinement's own layer in %s (%s)", OWN_LAYER_CACHE, e.strerror or e)
+    return torch.from_numpy(center), torch.from_numpy(projection)
 
 
 class KnownRecognizer:
