@@ -33,6 +33,7 @@ MILVUS_MAX_LIMIT = 16384
 _INSERT_CHUNK = 10_000  # rows per Milvus insert (a gRPC message stays well under its size limit)
 _QUERY_CHUNK = 256      # queries per Milvus search call
 _NEXT_ID, _INFO = "/next_id", "/info"  # ledger keys of the index's own records (a relative path never starts with /)
+_READ = {"consistency_level": "Session"}  # a server's searches: read-your-writes, no wait for the next time tick
 _FILE = "/f/"  # a file's ledger key: this + the sha256 of its name (``_row_key``)
 _NAME, _NAME_BYTES = "_key", "_key_bytes"  # the name, in a file's ledger record
 _VARCHAR_MAX = 4096  # bytes of a row's ``source`` (the schema's max_length)
@@ -74,7 +75,11 @@ class MilvusIndex(FaceIndex):
     a ``BINARY_VECTOR`` under ``HAMMING`` (``BIN_FLAT``, or ``BIN_IVF_FLAT`` with ``ivf``); on
     Lite, a +-1 ``FLOAT_VECTOR`` under ``IP`` (``FLAT``, or ``IVF_FLAT``), d = (bits - ip) / 2.
     The ledger and the index's own records (``/info``, ``/next_id``) live in
-    ``<collection>_files`` (a VARCHAR key, a JSON record, and the 2-d vector Milvus requires)."""
+    ``<collection>_files`` (a VARCHAR key, a JSON record, and the 2-d vector Milvus requires).
+    Collections are created with Strong consistency; a server's searches and their metadata read
+    with Session consistency instead (this process's own writes, and all that the opening's
+    Strong reads waited for), since Strong waits for the server's next time tick (200 ms by
+    default) on every call."""
 
     def __init__(self, location: str, bits: int | None, engine: str | None, *, server: bool, ivf: int | None,
                  nprobe: int | None, collection: str, token: str | None, uri: str):
@@ -229,7 +234,7 @@ class MilvusIndex(FaceIndex):
         for j in range(0, len(codes), _QUERY_CHUNK):
             chunk = codes[j:j + _QUERY_CHUNK]
             res = self._client.search(self._coll, data=self._vectors(chunk), limit=limit, search_params=params,
-                                      anns_field="code", output_fields=[])
+                                      anns_field="code", output_fields=[], **(_READ if self.server else {}))
             d = np.full((len(chunk), limit), 0.0)
             i = np.full((len(chunk), limit), -1, np.int64)
             for r, hits in enumerate(res):
@@ -246,7 +251,8 @@ class MilvusIndex(FaceIndex):
     def _meta(self, ids) -> dict[int, dict]:
         ids, out = list(ids), {}
         for j in range(0, len(ids), 1000):
-            for r in self._client.get(self._coll, ids=ids[j:j + 1000], output_fields=["source", "identity", "meta"]):
+            for r in self._client.get(self._coll, ids=ids[j:j + 1000], output_fields=["source", "identity", "meta"],
+                                      **(_READ if self.server else {})):
                 m = dict(r.get("meta") or {})
                 for key in ("source", "identity"):
                     if r.get(key):
