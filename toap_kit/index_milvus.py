@@ -76,8 +76,8 @@ class MilvusIndex(FaceIndex):
     Lite, a +-1 ``FLOAT_VECTOR`` under ``IP`` (``FLAT``, or ``IVF_FLAT``), d = (bits - ip) / 2.
     The ledger and the index's own records (``/info``, ``/next_id``) live in
     ``<collection>_files`` (a VARCHAR key, a JSON record, and the 2-d vector Milvus requires).
-    Collections are created with Strong consistency; a server's searches and their metadata read
-    with Session consistency instead (this process's own writes, and all that the opening's
+    Collections are created with Strong consistency; a server's searches, their metadata and its
+    row count read with Session consistency instead (this process's own writes, and all that the opening's
     Strong reads waited for), since Strong waits for the server's next time tick (200 ms by
     default) on every call."""
 
@@ -193,7 +193,7 @@ class MilvusIndex(FaceIndex):
 
     def __len__(self) -> int:
         if self.server:  # a server's row_count includes deleted rows until compaction
-            rows = self._client.query(self._coll, filter="", output_fields=["count(*)"])
+            rows = self._client.query(self._coll, filter="", output_fields=["count(*)"], **_READ)
             return int(rows[0]["count(*)"])
         return int(self._client.get_collection_stats(self._coll)["row_count"])
 
