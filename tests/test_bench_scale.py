@@ -1,19 +1,28 @@
-"""``python -m toap_kit.bench scale`` at tiny sizes: both backends agree, the metrics behave,
-the results file keeps the part a run did not measure."""
+"""``python -m toap_kit.bench scale`` at tiny sizes: the exact backends agree (a Milvus server's
+too, on the session's server: ``conftest.milvus_server``), the metrics behave, the results file
+keeps the part a run did not measure."""
 import json
 
 import numpy as np
 import pytest
 
 from toap_kit import bench, results, retrieval
-from toap_kit.bench_scale import _histograms, bench_scale, histogram_metrics, run_scale, write_scale
+from toap_kit.bench_scale import (BACKENDS, _histograms, bench_scale, histogram_metrics, ivf_lists, markdown,
+                                  recall_at_k, run_scale, write_scale)
 
 pytest.importorskip("pymilvus")
 
 
 @pytest.fixture(scope="module")
-def result():
-    return bench_scale(sizes=(2000,), n_queries=20, protection_m=(0, 2000), refine_steps=2)
+def result(request):
+    """The bench at 2,000 codes; its server rows on the session's Milvus server, left out (and
+    their test skipped) where none can run."""
+    try:
+        server, backends = request.getfixturevalue("milvus_server"), BACKENDS
+    except pytest.skip.Exception:
+        server, backends = None, BACKENDS[:2]
+    return bench_scale(sizes=(2000,), n_queries=20, protection_m=(0, 2000), refine_steps=2, milvus=server,
+                       backends=backends)
 
 
 def test_keys_and_registration(result):
@@ -32,12 +41,41 @@ def test_keys_and_registration(result):
 
 
 def test_backends_agree_and_take_time(result):
-    rows = result["backends"]
-    assert sorted(r["backend"] for r in rows) == ["faiss", "milvus-lite"]
-    for r in rows:
+    rows = {r["backend"]: r for r in result["backends"]}
+    assert list(rows)[:2] == ["faiss", "milvus-lite"]
+    for r in rows.values():
         assert r["n_codes"] == 2000 and r["n_queries"] == 20
-        assert r["identical_top_k"] is True
         assert r["build_s"] > 0 and 0 < r["p50_ms"] <= r["p95_ms"]
+        assert r["batch_size"] == 20 and 0 < r["batch_p50_ms"] <= r["batch_p95_ms"]
+        if r["backend"] != "milvus-server-ivf":
+            assert r["identical_top_k"] is True
+
+
+def test_server_rows(result, milvus_server):
+    """BIN_FLAT gives FAISS's top k (above); BIN_IVF_FLAT a recall, with its lists stated; the
+    memory is the server process's (when the server is local)."""
+    rows = {r["backend"]: r for r in result["backends"]}
+    assert list(rows) == list(BACKENDS)
+    ivf = rows["milvus-server-ivf"]
+    assert ivf["identical_top_k"] is None and (ivf["nlist"], ivf["nprobe"]) == ivf_lists(2000) == (32, 2)
+    assert 0 < ivf["recall_ids_at_k"] <= ivf["recall_at_k"] <= 1
+    for name in ("milvus-server", "milvus-server-ivf"):
+        assert rows[name]["server"]
+        if not isinstance(milvus_server, str):  # a local server: its process measured, not the client's
+            assert rows[name]["server_rss_mb"] > 100 and rows[name]["rss_mb"] is not None
+    assert "recall@10" in markdown(result) and "Server rows: " in markdown(result)
+
+
+def test_recall_counts_ties():
+    """Tie-aware recall counts a tied item in place of another; by id it does not; a missing
+    result (-1) counts for nothing."""
+    exact_d, exact_i = np.array([[0, 1, 1, 2]]), np.array([[5, 2, 7, 9]])
+    assert recall_at_k(exact_d, exact_d, exact_i, exact_i) == (1.0, 1.0)
+    got_d, got_i = np.array([[0, 1, 1, 3]]), np.array([[5, 2, 8, 4]])  # 8 tied with 7; 3 is not 2
+    assert recall_at_k(exact_d, got_d, got_i, exact_i) == (0.75, 0.5)
+    got_d, got_i = np.array([[0, 1, -1, -1]]), np.array([[5, 7, -1, -1]])
+    assert recall_at_k(exact_d, got_d, got_i, exact_i) == (0.5, 0.5)
+    assert [ivf_lists(n) for n in (10_000, 100_000, 1_000_000)] == [(128, 8), (256, 16), (1024, 64)]
 
 
 def test_protection_at_scale(result):

@@ -2,15 +2,22 @@
 
 Two measurements (``bench_scale``):
 
-1. **Backends** (``backends``): for each database size, the first ``n`` simulated strangers of
-   ``crowd.simulate_codes("dlib_itq_64", n, seed)`` (64-bit codes; crowds grow by prefix) go into
-   FAISS in memory (``open_index("faiss")``, exact) and into Milvus Lite (a ``.db`` in a temporary
-   folder; flushed). Per size and backend: ``build_s`` (open, add every code, and for Milvus
-   Lite the flush), ``rss_mb`` (growth of this process tree's resident memory over the build:
-   psutil, noisy, a lower bound where freed memory is reused), and the latency of ``n_queries``
-   single top-``k`` queries (``index.search`` of one code, metadata fetch included; queries:
-   ``simulate_codes(..., seed + 1)``), ``p50_ms`` / ``p95_ms``. ``identical_top_k`` says whether
-   both backends returned the same ids and distances on every query.
+1. **Backends** (``backends``, ``BACKENDS``): for each database size, the first ``n`` simulated
+   strangers of ``crowd.simulate_codes("dlib_itq_64", n, seed)`` (64-bit codes; crowds grow by
+   prefix) go into FAISS in memory (``open_index("faiss")``, exact), Milvus Lite (a ``.db`` in a
+   temporary folder; flushed), and a Milvus server (``milvus_server.start``: the ``milvus``
+   wheel's standalone binary, a fresh one per row; or ``TOAP_MILVUS_URI``) twice: ``BIN_FLAT``
+   (``milvus-server``, exact) and ``BIN_IVF_FLAT`` (``milvus-server-ivf``, ``ivf_lists``: nlist and
+   nprobe, in the row). Per size and backend: ``build_s`` (open, add every code; for Milvus the
+   flush; for a server also the wait for its index and loading the collection again),
+   ``rss_mb`` (growth of the resident memory over the build, psutil, noisy, a lower bound where
+   freed memory is reused: this process tree's, or the server process's; ``server_rss_mb``:
+   the server's total after the build), the latency of ``n_queries`` single top-``k`` queries
+   (``index.search`` of one code, metadata fetch included; queries: ``simulate_codes(...,
+   seed + 1)``), ``p50_ms`` / ``p95_ms``, and of the same queries in batches of ``BATCH``
+   (``batch_p50_ms`` / ``batch_p95_ms``). ``identical_top_k`` says whether every exact backend
+   returned FAISS's ids and distances on every query; the IVF row has ``recall_at_k`` (tie-aware)
+   and ``recall_ids_at_k`` against FAISS's top k instead (``recall_at_k``).
 
 2. **Protection** (``protection``): for each dlib engine, the database is **2k real + m
    simulated**: the shipped open-set database codes (``engine.db_codes``: the evaluation
@@ -38,6 +45,7 @@ rows from the existing ``scale.json`` (each part records when it was measured).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -55,15 +63,21 @@ from . import crowd, engine, results, retrieval, toap
 from . import index as face_index
 from .perturbation import Perturbation
 
-__all__ = ["PARTS", "PROTECTION_M", "README_BEGIN", "README_END", "bench_scale", "histogram_metrics", "markdown",
-           "readme_block", "run_scale", "scale_figure", "update_readme", "write_scale"]
+__all__ = ["BACKENDS", "PARTS", "PROTECTION_M", "README_BEGIN", "README_END", "bench_scale", "histogram_metrics",
+           "ivf_lists", "markdown", "readme_block", "recall_at_k", "run_scale", "scale_figure", "update_readme",
+           "write_scale"]
 
 PARTS = ("backends", "protection")
+BACKENDS = ("faiss", "milvus-lite", "milvus-server", "milvus-server-ivf")
+"""The backends part's rows at each size, FAISS first (the reference)."""
+BATCH = 100
+"""Queries per batch in the batch latency."""
 
 PROTECTION_M = (0, 10_000, 100_000, 1_000_000)
 """Simulated strangers added to the 2k real database in the protection part."""
 _ADD_CHUNK = 50_000   # codes per add() call (a progress step)
 _DIST_CHUNK = 16_384  # database rows per distance block
+_INDEX_WAIT_S = 1800.0  # most seconds a Milvus server may take to build a row's index
 
 
 def _tree_rss(proc) -> int:
@@ -83,12 +97,6 @@ def _tree_rss(proc) -> int:
     return total
 
 
-def _rss() -> int:
-    import psutil
-
-    return _tree_rss(psutil.Process(os.getpid()))
-
-
 # ---------------------------------------------------------------- backends
 def _done(row: dict) -> dict:
     """Show a finished row on stderr (so a run cut short still tells what it measured)."""
@@ -96,17 +104,45 @@ def _done(row: dict) -> dict:
     return row
 
 
-def _build(uri: str, codes: np.ndarray, label: str) -> tuple[face_index.FaceIndex, float, float]:
+def ivf_lists(n: int) -> tuple[int, int]:
+    """``(nlist, nprobe)`` of the ``milvus-server-ivf`` row for ``n`` codes: ``nlist`` the power
+    of two nearest sqrt(n), ``nprobe`` = nlist / 16 (at least 1): a search scans about a
+    sixteenth of the database, at every size."""
+    nlist = 2 ** int(round(np.log2(max(np.sqrt(n), 1.0))))
+    return nlist, max(1, nlist // 16)
+
+
+def recall_at_k(exact_d: np.ndarray, got_d: np.ndarray, got_ids: np.ndarray, exact_ids: np.ndarray) -> tuple[float, float]:
+    """Recall of an approximate top k (``Nq x k`` distances and ids, -1 where fewer came back)
+    against the exact one: tie-aware (per query, the share of the exact top k's distance
+    multiset that the approximate one holds: a tied item in place of another counts) and by id
+    (the share of the exact top k's ids, ties broken by lowest id, that came back)."""
+    k, bins = exact_d.shape[1], int(max(exact_d.max(initial=0), got_d.max(initial=0))) + 1
+    ties, ids = [], []
+    for de, dg, ie, ig in zip(exact_d, got_d, exact_ids, got_ids):
+        he, hg = np.bincount(de[de >= 0], minlength=bins), np.bincount(dg[dg >= 0], minlength=bins)
+        ties.append(np.minimum(he, hg).sum() / k)
+        ids.append(len(set(ie.tolist()) & set(ig[ig >= 0].tolist())) / k)
+    return float(np.mean(ties)), float(np.mean(ids))
+
+
+def _build(uri: str, codes: np.ndarray, label: str, proc, ready=None,
+           **open_kw) -> tuple[face_index.FaceIndex, float, float | None]:
+    """Open ``uri`` (``open_kw``: collection, ivf, nprobe), add ``codes``, flush a Milvus index,
+    then ``ready()`` when given; returns the index, the seconds, and the growth of ``proc``'s
+    resident memory (a ``psutil.Process`` and its children, MB; None without one)."""
     gc.collect()
-    before = _rss()
+    before = _tree_rss(proc) if proc is not None else 0
     t = time.perf_counter()
-    ix = face_index.open_index(uri, bits=codes.shape[1], engine="dlib_itq_64")
+    ix = face_index.open_index(uri, bits=codes.shape[1], engine="dlib_itq_64", **open_kw)
     for j in tqdm(range(0, len(codes), _ADD_CHUNK), desc=f"{label}: add", unit="chunk", leave=False):
         ix.add(codes[j:j + _ADD_CHUNK])
     if isinstance(ix, face_index.MilvusIndex):
         ix.save()  # flush: durable
+    if ready is not None:
+        ready()
     seconds = time.perf_counter() - t
-    return ix, seconds, (_rss() - before) / 2**20
+    return ix, seconds, None if proc is None else (_tree_rss(proc) - before) / 2**20
 
 
 def _latency(ix: face_index.FaceIndex, queries: np.ndarray, k: int, label: str) -> tuple[np.ndarray, np.ndarray, list]:
@@ -120,33 +156,143 @@ def _latency(ix: face_index.FaceIndex, queries: np.ndarray, k: int, label: str) 
     return np.stack(ids), np.stack(dists), ms
 
 
-def _bench_backends(sizes, n_queries: int, k: int, seed: int) -> tuple[list[dict], float]:
+def _batch_latency(ix: face_index.FaceIndex, queries: np.ndarray, k: int, size: int) -> list:
+    """Milliseconds of ``ix.search`` on each full batch of ``size`` queries."""
+    ms = []
+    for j in range(0, len(queries) - size + 1, size):
+        t = time.perf_counter()
+        ix.search(queries[j:j + size], k)
+        ms.append((time.perf_counter() - t) * 1000)
+    return ms
+
+
+def _client(uri: str):
+    from pymilvus import MilvusClient
+
+    return MilvusClient(uri, token=os.environ.get("TOAP_MILVUS_TOKEN", ""))
+
+
+def _drop(uri: str, name: str) -> None:
+    client = _client(uri)
+    try:
+        for c in (name, f"{name}_files"):
+            client.drop_collection(c)
+    finally:
+        client.close()
+
+
+def _index_built(uri: str, name: str, timeout_s: float = _INDEX_WAIT_S) -> None:
+    """Wait until the server has built the index of every row of ``name`` (at most ``timeout_s``),
+    then release and load the collection, so that searches run on the built index."""
+    client = _client(uri)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            d = client.describe_index(name, "code")
+            if int(d.get("pending_index_rows", 0)) == 0 and int(d["indexed_rows"]) >= int(d["total_rows"]):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{uri}: the index of {name} was not built in {timeout_s:.0f} s ({d})")
+            time.sleep(0.5)
+        client.release_collection(name)
+        client.load_collection(name)
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _server_row(milvus, backend: str, n: int):
+    """``(uri, collection, process)`` for one server row: on ``milvus`` (a ``LocalServer`` or a
+    URI; ``process`` None for a URI: its memory is not measured), or, when None, on a fresh
+    local server started for the row (``milvus_server.start``) and removed after it. The row's
+    collection is dropped before and after."""
+    import psutil
+
+    from . import milvus_server
+
+    local = milvus_server.start() if milvus is None else None
+    try:
+        server = local or milvus
+        uri = server if isinstance(server, str) else server.uri
+        proc = None if isinstance(server, str) else psutil.Process(server.pid)
+        name = f"toap_bench_{backend.replace('-', '_')}_{n}"
+        _drop(uri, name)
+        try:
+            yield uri, name, proc
+        finally:
+            _drop(uri, name)
+    finally:
+        if local is not None:
+            local.stop()
+
+
+def _server_name(milvus) -> str:
+    if isinstance(milvus, str):
+        return "a Milvus server named by TOAP_MILVUS_URI"
+    from milvus import __version__
+
+    return f"Milvus {__version__} standalone (the milvus wheel), " + ("a fresh server per row" if milvus is None
+                                                                     else "one server for every row")
+
+
+def _backend_row(backend: str, n: int, db: np.ndarray, queries: np.ndarray, k: int, batch: int, tmp: str,
+                 milvus) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One backend at ``n`` codes: its row and its single-query top k (ids, distances)."""
+    import psutil
+
+    label = f"{backend} {n:,}"
+    row = {"n_codes": n, "backend": backend}
+    with contextlib.ExitStack() as stack:
+        if backend in ("faiss", "milvus-lite"):
+            uri = "faiss" if backend == "faiss" else os.path.join(tmp, "scale.db")
+            ix, build_s, rss_mb = _build(uri, db, label, psutil.Process(os.getpid()))
+        else:
+            uri, name, proc = stack.enter_context(_server_row(milvus, backend, n))
+            kw = {"collection": name}
+            if backend == "milvus-server-ivf":
+                kw["ivf"], kw["nprobe"] = ivf_lists(n)
+                row.update(nlist=kw["ivf"], nprobe=kw["nprobe"])
+            ix, build_s, rss_mb = _build(uri, db, label, proc, ready=lambda: _index_built(uri, name), **kw)
+            row["server"] = _server_name(milvus)
+            if proc is not None:
+                row["server_rss_mb"] = _tree_rss(proc) / 2**20
+        stack.callback(ix.close)
+        ids, dists, ms = _latency(ix, queries, k, label)
+        size = min(batch, len(queries))
+        batch_ms = _batch_latency(ix, queries, k, size)
+    row.update(build_s=build_s, rss_mb=rss_mb, p50_ms=float(np.percentile(ms, 50)), p95_ms=float(np.percentile(ms, 95)),
+               batch_size=size, batch_p50_ms=float(np.percentile(batch_ms, 50)),
+               batch_p95_ms=float(np.percentile(batch_ms, 95)), n_queries=len(queries), k=k)
+    return row, ids, dists
+
+
+def _bench_backends(sizes, n_queries: int, k: int, seed: int, backends=BACKENDS, milvus=None,
+                    batch: int = BATCH) -> tuple[list[dict], float]:
+    if backends[0] != "faiss" or set(backends) - set(BACKENDS):
+        raise ValueError(f"backends must start with 'faiss' (the reference) and be among {BACKENDS}, got {backends}")
     t = time.perf_counter()
     crowd_codes = crowd.simulate_codes("dlib_itq_64", max(sizes), seed)
     simulate_s = time.perf_counter() - t
     queries = crowd.simulate_codes("dlib_itq_64", n_queries, seed + 1)
     rows = []
     for n in sizes:
-        db = crowd_codes[:n]
-        found = {}
+        db, done, found = crowd_codes[:n], [], {}
         with tempfile.TemporaryDirectory(prefix="toap-bench-scale-") as tmp:
-            for backend, uri in (("faiss", "faiss"), ("milvus-lite", os.path.join(tmp, "scale.db"))):
-                label = f"{backend} {n:,}"
-                ix, build_s, rss_mb = _build(uri, db, label)
-                try:
-                    ids, dists, ms = _latency(ix, queries, k, label)
-                finally:
-                    ix.close()
-                    del ix
+            for backend in backends:
+                row, ids, dists = _backend_row(backend, n, db, queries, k, batch, tmp, milvus)
                 found[backend] = (ids, dists)
-                rows.append({"n_codes": n, "backend": backend, "build_s": build_s, "rss_mb": rss_mb,
-                             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-                             "n_queries": len(queries), "k": k})
-        (fi, fd), (mi, md) = found["faiss"], found["milvus-lite"]
-        same = bool(np.array_equal(fi, mi) and np.array_equal(fd, md))
-        for r in rows[-2:]:
-            r["identical_top_k"] = same
-            _done(r)
+                done.append(row)
+        fi, fd = found["faiss"]
+        same = all(np.array_equal(fi, found[b][0]) and np.array_equal(fd, found[b][1])
+                   for b in found if b != "milvus-server-ivf")
+        for r in done:
+            if r["backend"] == "milvus-server-ivf":
+                r["identical_top_k"] = None  # approximate: its recall instead
+                r["recall_at_k"], r["recall_ids_at_k"] = recall_at_k(fd, found[r["backend"]][1],
+                                                                     found[r["backend"]][0], fi)
+            else:
+                r["identical_top_k"] = same
+            rows.append(_done(r))
     return rows, simulate_s
 
 
@@ -239,11 +385,13 @@ def _bench_protection(engines, ms, seed: int, perturbation: str, refine_steps: i
 @torch.no_grad()
 def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: int = 10, seed: int = 0,
                 protection_m=PROTECTION_M, engines=crowd.ENGINES, perturbation: str = "toap-mid",
-                refine_steps: int | None = None, parts=PARTS) -> dict:
+                refine_steps: int | None = None, parts=PARTS, backends=BACKENDS, milvus=None) -> dict:
     """The measured ``parts`` (module docstring) as one dict (the ``--json`` contract):
-    ``backends`` (one row per size and backend) and ``protection`` (one row per engine, query
-    kind and ``m``; ``refine_steps``: the refinement's steps, default ``refine.DEFAULT_STEPS``);
-    a part not asked for is an empty list. ``measured`` gives each part's UTC time."""
+    ``backends`` (one row per size and backend in ``backends``) and ``protection`` (one row per
+    engine, query kind and ``m``; ``refine_steps``: the refinement's steps, default
+    ``refine.DEFAULT_STEPS``); a part not asked for is an empty list. ``measured`` gives each
+    part's UTC time. ``milvus``: the server of the server rows, a ``milvus_server.LocalServer``
+    or a URI (its memory then not measured); None: a fresh local server for each row."""
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
@@ -255,7 +403,8 @@ def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: in
            "perturbation": perturbation, "backends": [], "protection": [], "measured": {}, "seconds": {}}
     if "backends" in parts:
         t = time.perf_counter()
-        out["backends"], out["seconds"]["simulate_max_size"] = _bench_backends(sizes, n_queries, k, seed)
+        out["backends"], out["seconds"]["simulate_max_size"] = _bench_backends(sizes, n_queries, k, seed, tuple(backends),
+                                                                               milvus)
         out["seconds"]["backends"], out["measured"]["backends"] = time.perf_counter() - t, now
     if "protection" in parts:
         t = time.perf_counter()
@@ -328,8 +477,9 @@ def write_scale(r: dict, folder: Path = results.RESULTS_DIR) -> list[Path]:
 def run_scale(parts: list[str] | None = None) -> dict:
     """``python -m toap_kit.bench scale [--parts ...]``: ``bench_scale`` at the README's sizes,
     written to ``results/`` (``write_scale``) and into the README's tables (``update_readme``);
-    returns what was written (both parts)."""
-    r = bench_scale(parts=tuple(parts or PARTS))
+    returns what was written (both parts). The server rows run on ``TOAP_MILVUS_URI`` when set,
+    else on a fresh local server per row."""
+    r = bench_scale(parts=tuple(parts or PARTS), milvus=os.environ.get("TOAP_MILVUS_URI") or None)
     write_scale(r)
     merged = json.loads((results.RESULTS_DIR / "scale.json").read_text())
     update_readme(merged)
@@ -343,12 +493,27 @@ README_END = "<!-- bench scale: end -->"
 def markdown(r: dict) -> str:
     """The two tables of ``r`` (a ``bench_scale`` result): backends per size, and per engine and
     query kind the metrics as the database grows (the README's block between its markers)."""
-    out = ["| codes | backend | build (s) | memory (MB) | p50 (ms) | p95 (ms) | top-k identical across backends |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| codes | backend | build (s) | memory (MB) | p50 (ms) | p95 (ms) | batch p50 (ms) | batch p95 (ms) | "
+           "top-k identical across exact backends / recall |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for b in r["backends"]:
-        out.append(f"| {b['n_codes']:,} | {b['backend']} | {b['build_s']:.2f} | {b['rss_mb']:.0f} | {b['p50_ms']:.2f} | "
-                   f"{b['p95_ms']:.2f} | {'yes' if b['identical_top_k'] else 'NO'} ({b['n_queries']:,} queries, "
-                   f"top-{b['k']}) |")
+        if b.get("identical_top_k") is None and "recall_at_k" in b:
+            what = (f"recall@{b['k']} {b['recall_at_k']:.3f} tie-aware, {b['recall_ids_at_k']:.3f} by id "
+                    f"(nprobe {b['nprobe']:,} of {b['nlist']:,} lists)")
+        else:
+            what = f"{'yes' if b['identical_top_k'] else 'NO'} ({b['n_queries']:,} queries, top-{b['k']})"
+        memory = "-" if b["rss_mb"] is None else f"{b['rss_mb']:.0f}" + (" (server)" if "server" in b else "")
+        batch = " | ".join(f"{b[key]:.2f}" if key in b else "-" for key in ("batch_p50_ms", "batch_p95_ms"))
+        out.append(f"| {b['n_codes']:,} | {b['backend']} | {b['build_s']:.2f} | {memory} | {b['p50_ms']:.2f} | "
+                   f"{b['p95_ms']:.2f} | {batch} | {what} |")
+    servers = [b for b in r["backends"] if "server" in b]
+    if servers:
+        size = max(b.get("batch_size", 0) for b in r["backends"])
+        out += ["", f"Batch: one search of {size} queries. Server rows: {servers[0]['server']}; build = open + add + "
+                    "flush + the server's index built and the collection loaded again; memory = the server process's "
+                    "growth over the build. `milvus-server-ivf`: `BIN_IVF_FLAT`, nlist the power of two nearest the "
+                    "square root of the codes, nprobe = nlist / 16; recall against the exact top "
+                    f"{servers[0]['k']}, tie-aware (a tied item in place of another counts) and by id."]
     rows = r["protection"]
     if rows:
         sizes = sorted({p["db_size"] for p in rows})
