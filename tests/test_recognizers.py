@@ -182,3 +182,17 @@ def test_the_card_names_the_package_its_licence_and_every_file():
         net = c["networks"][name]
         assert set(net["files"]) == {f"{name}.json", f"{name}.bin"} and "licence" in net["upstream"]
         assert all(len(sha) == 64 for sha in net["files"].values())
+
+
+def test_the_readme_states_the_recognizers_bench():
+    from toap_kit.recognizers.__main__ import CHIPS, RESULTS, table
+
+    r = json.loads(RESULTS.read_text())
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    assert table(r) in readme, "README's recognizers table differs from results/recognizers.json"
+    rows = {row["name"]: row for row in r["rows"]}
+    assert set(rows) == set(recognizers.NAMES)
+    for name, row in rows.items():  # the JSON's chips are the ones the package uses
+        assert tuple(row["chip_box"]) == recognizers.SPECS[name].chip_box
+        if "chip_choice" in row:  # the package reads the chip that scored best on training people
+            assert CHIPS[max(row["chip_choice"], key=row["chip_choice"].get)] == recognizers.SPECS[name].chip_box

@@ -102,6 +102,14 @@ def bench(names: tuple[str, ...] = NAMES) -> dict:
             "metric": "tie-aware mAP@all", "rows": rows}
 
 
+def table(r: dict) -> str:
+    """The bench's table (markdown), as the README shows it."""
+    lines = ["| recognizer | descriptor | chip | float (cosine) | ITQ 32 bits | ITQ 64 bits |", "|---|---|---|---|---|---|"]
+    lines += [f"| {row['name']} | {row['dim']}-D | {row['input_size']} px | {row['float_map_all']:.3f} | "
+              f"{row['itq32_map_all']:.3f} | {row['itq64_map_all']:.3f} |" for row in r["rows"]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m toap_kit.recognizers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:
         RESULTS.write_text(json.dumps(r, indent=1) + "\n")
     print(f"{r['protocol']}; {r['metric']}")
-    print("| recognizer | descriptor | chip | float (cosine) | ITQ 32 bits | ITQ 64 bits |")
-    print("|---|---|---|---|---|---|")
-    for row in r["rows"]:
-        print(f"| {row['name']} | {row['dim']}-D | {row['input_size']} px | {row['float_map_all']:.3f} | "
-              f"{row['itq32_map_all']:.3f} | {row['itq64_map_all']:.3f} |")
+    print(table(r))
     return 0
 
 
