@@ -56,3 +56,14 @@ def test_every_toap_kit_name_the_notebooks_use_exists():
                     assert hasattr(toap_kit, node.attr), f"{nb.name}: toap_kit.{node.attr}"
                 elif owner in mods:
                     assert hasattr(mods[owner], node.attr), f"{nb.name}: {owner}.{node.attr}"
+
+
+def test_the_command_line_starts_without_the_plotting_and_training_stack():
+    """``import toap_kit`` is lazy (PEP 562): ``toap`` imports what its commands use, not
+    matplotlib, kornia or the CG (about a second of every ``toap`` process's start)."""
+    import subprocess
+    import sys
+
+    code = "import sys, toap_kit.cli; print(sorted(m for m in ('matplotlib', 'kornia', 'toap_kit.cg') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]", out

@@ -56,26 +56,41 @@ Which module does what (one room per concept):
 - ``bench``       benchmark tables (``python -m toap_kit.bench retrieval|attacks|cg|toap``).
 - ``artifacts``   rebuild everything shipped (``make artifacts``).
 """
-from . import (attacks, batch, cg, crawl, crowd, data, diffproc, engine, evaluate, exercises, hashing, index, models, odd_inputs, perturbation, plots,
-               postprocess, protect, recognizer, recognizers, refine, report, results, retrieval, store, teacher, toap, verify, zoo)
-from .config import Config, device, seed_everything, setup
-from .crawl import crawl_folder, crawl_summary, search_photo
-from .data import (FaceSet, Protocol, RetrievalSets, load_faceset, load_folder, load_image,
-                   make_protocol, retrieval_sets)
-from .hashing import ITQ, TrainConfig, make_objective, train_hash_model
-from .index import FaceIndex, open_index
-from .models import HashNet, build_model
-from .perturbation import Perturbation
-from .retrieval import HammingIndex, hamming_distance, mean_average_precision, pr_curve
-from .toap import TOAP, TOAPConfig
+import importlib
+
+# Rooms and names are imported when first used (PEP 562): ``import toap_kit`` stays light, so the
+# ``toap`` command starts without matplotlib, kornia or the training stack it does not need.
+_MODULES = ("attacks", "batch", "cg", "config", "crawl", "crowd", "data", "diffproc", "engine", "evaluate",
+            "exercises", "hashing", "index", "models", "odd_inputs", "perturbation", "plots", "postprocess",
+            "protect", "recognizer", "recognizers", "refine", "report", "results", "retrieval", "store", "teacher",
+            "toap", "verify", "zoo")
+_NAMES = {
+    "config": ("Config", "device", "seed_everything", "setup"),
+    "crawl": ("crawl_folder", "crawl_summary", "search_photo"),
+    "data": ("FaceSet", "Protocol", "RetrievalSets", "load_faceset", "load_folder", "load_image", "make_protocol",
+             "retrieval_sets"),
+    "hashing": ("ITQ", "TrainConfig", "make_objective", "train_hash_model"),
+    "index": ("FaceIndex", "open_index"),
+    "models": ("HashNet", "build_model"),
+    "perturbation": ("Perturbation",),
+    "retrieval": ("HammingIndex", "hamming_distance", "mean_average_precision", "pr_curve"),
+    "toap": ("TOAP", "TOAPConfig"),
+}
+_HOME = {name: module for module, names in _NAMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _HOME:
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'toap_kit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Config", "FaceIndex", "FaceSet", "HammingIndex", "HashNet", "ITQ", "Perturbation", "Protocol", "RetrievalSets", "TOAP",
-    "TOAPConfig", "TrainConfig",
-    "attacks", "batch", "build_model", "cg", "crawl", "crawl_folder", "crowd", "crawl_summary", "data", "device", "diffproc", "engine", "evaluate", "exercises", "hamming_distance", "hashing", "index", "load_faceset", "load_folder",
-    "load_image", "make_objective", "make_protocol", "mean_average_precision", "models", "odd_inputs", "open_index", "perturbation",
-    "plots", "postprocess", "pr_curve", "protect", "recognizer", "recognizers", "refine", "report", "results", "retrieval", "retrieval_sets", "search_photo", "seed_everything", "setup", "store", "teacher",
-    "toap", "train_hash_model", "verify", "zoo",
-]
+__all__ = sorted([*(m for m in _MODULES if m != "config"), *_HOME])
