@@ -389,3 +389,16 @@ def test_the_demo_refines_a_group_photo(rec, monkeypatch):
     res = demo.protect_and_search(_StubEngine(), photo, "mid", "vgg_csq_64", "none", refine=True)
     assert res.refined and len(res.faces) == 3 and res.notes[0].startswith("3 faces found: all protected")
     assert np.abs(np.asarray(res.protected, np.int16) - np.asarray(photo, np.int16)).max() <= 8
+
+
+def test_the_refinements_adam_is_torchs_adam():
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 8, 8, requires_grad=True)
+    b, start = a.detach().clone().requires_grad_(True), a.detach().clone()
+    ours, theirs = refine.Adam(a, lr=0.01), torch.optim.Adam([b], lr=0.01)
+    for t in range(20):
+        g = torch.randn_like(a) * (t + 1)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    assert (a - b).abs().max() <= 1e-7 and (a - start).abs().max() > 0.1  # the same steps, and they moved it

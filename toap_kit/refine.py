@@ -54,7 +54,7 @@ from .perturbation import Perturbation, feather_mask
 from .recognizer import CHIP_SIZE, load_dlib_resnet
 from .toap import DLIB_DESCRIPTOR
 
-__all__ = ["DEFAULT_STEPS", "STRENGTHS", "WORK_SIDE", "KnownRecognizer", "RefineConfig", "fit_universal",
+__all__ = ["Adam", "DEFAULT_STEPS", "STRENGTHS", "WORK_SIDE", "KnownRecognizer", "RefineConfig", "fit_universal",
            "box_theta", "config_for", "known_recognizer", "landmark_thetas", "refine_deltas", "refine_faces",
            "strength_config"]
 
@@ -343,6 +343,26 @@ def _project(delta: torch.Tensor, mask: torch.Tensor, cfg: RefineConfig) -> None
 
 
 # ------------------------------------------------------------------ per photo
+class Adam:
+    """Adam (Kingma and Ba, ICLR 2015) on one tensor ``param``, computed as ``torch.optim.Adam``
+    computes it on the CPU (equal to it, tested). Written out because the first ``torch.optim``
+    optimizer of a process imports ``torch._dynamo``: 1-3 s of every ``toap protect --refine``."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.param, self.lr, (self.b1, self.b2), self.eps, self.t = param, lr, betas, eps, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update from ``param.grad`` (a missing gradient counts as zero)."""
+        g = self.param.grad if self.param.grad is not None else torch.zeros_like(self.param)
+        self.t += 1
+        self.m.lerp_(g, 1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        denom = (self.v.sqrt() / (1 - self.b2 ** self.t) ** 0.5).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - self.b1 ** self.t))
+
+
 def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None = None, seed: int = 0,
                   progress: bool = False, config: RefineConfig | None = None,
                   recognizer: KnownRecognizer | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
@@ -380,13 +400,13 @@ def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None 
     x = faces.to(dev)
     refs = _references(rec, x, None)
     delta.requires_grad_(True)
-    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    opt = Adam(delta, lr=cfg.lr)
     t0 = time.perf_counter()
     with torch.enable_grad(), tqdm(total=cfg.steps * math.ceil(n / cfg.batch_size), desc="refine", unit="step",
                                    disable=not progress) as bar:  # also under a caller's no_grad
         for _ in range(cfg.steps):
             draw = _draw(cfg, rng)
-            opt.zero_grad(set_to_none=True)
+            delta.grad = None
             for i in range(0, n, cfg.batch_size):
                 idx = torch.arange(i, min(n, i + cfg.batch_size))
                 loss, _ = _loss(rec, cfg, refs, idx, (x[idx] + mask * delta[idx]).clamp(0, 1), draw, gen)
