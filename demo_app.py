@@ -33,7 +33,10 @@ if __name__ == "__main__":
         # SIGTERM (a service manager's stop) stops the server like Ctrl-C, instead of killing the
         # process with the uploads and results on disk
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        demo = build_demo()
+        try:
+            demo = build_demo()
+        except ValueError as e:  # a bad TOAP_DEVICE or TOAP_THREADS: one line, not a traceback
+            raise SystemExit(f"demo_app.py: error: {e}") from None
         # share=False: never a public gradio.live link; uploads above MAX_UPLOAD are refused
         demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
         # launch returns on Ctrl-C or SIGTERM; close() also ends the open pages' streams, without

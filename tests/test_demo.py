@@ -436,3 +436,11 @@ def test_browser_uploads_a_photo_protects_it_and_shows_both_galleries(app_url, s
         wait.until(EC.text_to_be_present_in_element((By.ID, "verdict"), third))
     finally:
         driver.quit()
+
+
+def test_demo_app_refuses_a_bad_device_in_one_line():
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, str(root / "demo_app.py"), "--port", "1"], capture_output=True, text=True,
+                         env={**os.environ, "TOAP_DEVICE": "bogus"}, cwd=root, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == "demo_app.py: error: TOAP_DEVICE='bogus' is not a torch device (try cpu or cuda)"
