@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -516,3 +517,23 @@ def test_a_milvus_server_search_reads_its_own_writes_without_waiting(data, milvu
         hits = ix.search(db[1], 5)
         assert hits.ids[0, 0] == new[0] and old[0] not in hits.ids[0] and len(ix) == 1
         assert len(levels) >= 7 and set(levels) == {"Session"}, levels  # search, get and count, twice; len
+
+
+def test_a_closed_milvus_lite_index_is_free_for_another_process(data, tmp_path):
+    """Milvus Lite keeps a server per folder in the process that opened it, and it held the
+    folder's lock after ``close()``: another process could not open the index ("Open local milvus
+    failed") until this one ended. ``close()`` of the last index of a folder stops that server, also
+    when the open itself was refused."""
+    db, _, _ = data
+    uri = str(tmp_path / "f.db")
+    with X.open_index(uri, bits=BITS, engine="test") as ix:
+        ix.add(db[:7])
+    with pytest.raises(ValueError, match="holds 16-bit codes, not 32"):
+        X.open_index(uri, bits=32)
+    a, b = X.open_index(uri), X.open_index(uri)  # two of one folder: the first close leaves the second working
+    a.close()
+    assert len(b) == 7
+    b.close()
+    code = "import sys; from toap_kit import index; print(len(index.open_index(sys.argv[1])))"
+    child = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True)
+    assert child.returncode == 0 and child.stdout.strip() == "7", child.stderr[-500:]

@@ -188,7 +188,7 @@ def _scanned(folder: Path, index_uri: str) -> tuple[list[tuple[Path, str]], list
         if problem is None:
             photos.append((path, rel))
             continue
-        if path.is_dir() or rel == ".":  # batch's words are for toap protect: this is a crawl
+        if problem.startswith("cannot read this folder"):  # batch's words are for toap protect: this is a crawl
             unreadable.append(rel)
             problem = problem.replace("are not protected", "are not indexed")
         failed.append({"path": shown(rel), "reason": shown(problem)})
@@ -314,7 +314,10 @@ def _crawl(ix: face_index.FaceIndex, folder: Path, index_uri: str, label_from_fo
             except protect.ProtectError as e:
                 summary["failed"].append({"path": shown(rel), "reason": shown(str(e))})
                 continue
-            except (OSError, ValueError, RuntimeError) as e:
+            except OSError as e:
+                summary["failed"].append({"path": shown(rel), "reason": shown(f"cannot read it: {e.strerror or e}")})
+                continue
+            except (ValueError, RuntimeError) as e:
                 summary["failed"].append({"path": shown(rel), "reason": shown(f"{type(e).__name__}: {e}")})
                 continue
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the crawl
@@ -383,6 +386,9 @@ def search_photo(photo: str | Path, index_uri: str, k: int = 10, engine_name: st
                                 f"--index {shown(str(index_uri))}`")
     if target.kind != "milvus-server" and target.location is not None:
         if not os.path.lexists(Path(target.location).expanduser()):
+            if os.path.lexists(face_index.lock_path(index_uri)):  # a crawl may be making it: say so
+                with _held(index_uri, write=False):
+                    pass
             raise missing
         _checked_location(index_uri, write=False)
     with _held(index_uri, write=False):

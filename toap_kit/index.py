@@ -99,10 +99,10 @@ from urllib.parse import parse_qs
 
 from .index_core import FORMAT, FaceIndex, Hits, _check_bits, as_codes, shown
 from .index_faiss import FaissIndex
-from .index_milvus import DEFAULT_COLLECTION, MILVUS_MAX_LIMIT, MilvusIndex
+from .index_milvus import DEFAULT_COLLECTION, MILVUS_MAX_LIMIT, MilvusIndex, check_collection
 
 __all__ = ["DEFAULT_COLLECTION", "FORMAT", "FaceIndex", "FaissIndex", "Hits", "IndexInUse", "MILVUS_MAX_LIMIT",
-           "MilvusIndex", "as_codes", "check_location", "lock", "open_index", "parse_uri", "shown"]
+           "MilvusIndex", "as_codes", "check_location", "lock", "lock_path", "open_index", "parse_uri", "shown"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,10 @@ def parse_uri(uri: str) -> _Target:
         if key not in ("ivf", "nprobe", "collection"):
             raise ValueError(f"unknown option {key!r} in index URI {uri!r} (known: ivf, nprobe, collection)")
         options[key] = values[-1]
+    for key in ("ivf", "nprobe"):  # bad values are refused here, before anything is made at the location
+        _int_option(options, key, None)
+    if options.get("collection"):
+        check_collection(options["collection"])
     scheme, sep, rest = base.partition("://")
     scheme = scheme.lower() if sep else ""
     if base.lower() == "faiss" or scheme == "faiss":
@@ -272,6 +276,12 @@ def check_location(uri: str, write: bool = True) -> None:
                              + ("; Milvus Lite writes in its folder even to search" if not write else ""))
 
 
+def lock_path(uri: str) -> Path | None:
+    """The lock file of the file index at ``uri`` (``PATH.lock``), None for memory or a server."""
+    found = _file_location(uri)
+    return None if found is None else found[1].with_name(found[1].name + ".lock")
+
+
 class IndexInUse(RuntimeError):
     """Another process holds the index's lock (``lock``)."""
 
@@ -292,7 +302,7 @@ def lock(uri: str, write: bool = True) -> Iterator[None]:
         return
     kind, path = found
     exclusive = write or kind == "milvus-lite"
-    lock_file = path.with_name(path.name + ".lock")
+    lock_file = lock_path(uri)
     try:
         f = open(lock_file, "a+")
     except OSError as e:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -37,6 +38,42 @@ _READ = {"consistency_level": "Session"}  # a server's searches: read-your-write
 _FILE = "/f/"  # a file's ledger key: this + the sha256 of its name (``_row_key``)
 _NAME, _NAME_BYTES = "_key", "_key_bytes"  # the name, in a file's ledger record
 _VARCHAR_MAX = 4096  # bytes of a row's ``source`` (the schema's max_length)
+
+
+_LITE_OPEN: dict[str, int] = {}  # Milvus Lite folders open in this process: how many indexes each
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a logger for the block (Milvus Lite logs a traceback where we raise one line)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _release_lite(path: str) -> None:
+    """One index of the Milvus Lite folder ``path`` closed: with the last, stop the server Milvus
+    Lite keeps in this process for it (until then no other process can open that folder)."""
+    _LITE_OPEN[path] = _LITE_OPEN.get(path, 1) - 1
+    if _LITE_OPEN[path] > 0:
+        return
+    del _LITE_OPEN[path]
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # another Milvus Lite: it keeps its server until the process ends
+        return
+    server_manager_instance.release_server(path)
+
+
+def check_collection(name: str) -> str:
+    """``name`` if it can name a Milvus collection (letters, digits and _, starting with a letter)."""
+    if not isinstance(name, str) or not name.replace("_", "a").isalnum() or not name[0].isalpha():
+        raise ValueError(f"collection name must be letters, digits and _ starting with a letter, got {name!r}")
+    return name
 
 
 def _row_key(key: str) -> str:
@@ -85,9 +122,7 @@ class MilvusIndex(FaceIndex):
                  nprobe: int | None, collection: str, token: str | None, uri: str):
         from pymilvus import MilvusClient
 
-        self.uri, self.server, self._coll, self._files = uri, server, collection, f"{collection}_files"
-        if not collection.replace("_", "a").isalnum() or not collection[0].isalpha():
-            raise ValueError(f"collection name must be letters, digits and _ starting with a letter, got {collection!r}")
+        self.uri, self.server, self._coll, self._files = uri, server, check_collection(collection), f"{collection}_files"
         if server:
             self._max_limit = MILVUS_MAX_LIMIT
             kw = {"token": token or os.environ.get("TOAP_MILVUS_TOKEN", "")}
@@ -100,15 +135,32 @@ class MilvusIndex(FaceIndex):
             target, kw = str(path), {}
         from pymilvus.exceptions import MilvusException
 
+        self._lite = None
         try:
-            self._client = MilvusClient(target, **kw)
-            exists = self._client.has_collection(self._coll)
+            with _quiet("milvus_lite"):
+                self._client = MilvusClient(target, **kw)
         except MilvusException as e:
             if server:
                 raise ConnectionError(f"cannot reach the Milvus server at {location}: {e.message}") from None
             raise ConnectionError(f"cannot open the Milvus Lite index {target} ({e.message}): another program may "
                                   "be using it, or it is damaged") from None
-        c = self._client
+        if not server:
+            self._lite = target
+            _LITE_OPEN[target] = _LITE_OPEN.get(target, 0) + 1
+        try:
+            self._open(bits, engine, ivf, nprobe, collection)
+        except MilvusException as e:
+            self.close()
+            raise ConnectionError(f"{uri}: Milvus refused to open the index: {e.message}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, bits: int | None, engine: str | None, ivf: int | None, nprobe: int | None,
+              collection: str) -> None:
+        """Adopt the collection's index, or create one."""
+        server, uri, c = self.server, self.uri, self._client
+        exists = c.has_collection(self._coll)
         if exists:
             for name in (self._coll, self._files):
                 c.load_collection(name)
@@ -291,7 +343,12 @@ class MilvusIndex(FaceIndex):
         self._client.flush(self._files)
 
     def close(self) -> None:
+        """Close the client; the last index of a Milvus Lite folder in this process also stops
+        the server Milvus Lite runs for it, so that another process can open the folder."""
         try:
             self._client.close()
         except Exception as e:  # noqa: BLE001 - closing must not hide the real error
             log.debug("closing %s: %s", self.uri, e)
+        if self._lite is not None:
+            lite, self._lite = self._lite, None
+            _release_lite(lite)
