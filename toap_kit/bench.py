@@ -401,11 +401,14 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
       process, imports and model loading included; the database codes are shipped);
       ``verify_12mp_ms`` the same on the 12-megapixel photo;
     - ``bad_inputs``: ``odd_inputs.run_odd_inputs`` (counts; each case in ``bad_input_cases``);
+    - ``crawl_bad_inputs``: ``odd_crawl.run_odd_crawl``, the odd names, files, URIs, index
+      locations, races and stale files of ``toap crawl``/``toap search`` (counts and seconds; each
+      case in ``crawl_bad_input_cases``);
     - ``demo_load``: ``bench_demo_load()``, 20 users protecting a photo at once on the demo.
     """
     from PIL import Image
 
-    from . import batch, odd_inputs, protect, verify
+    from . import batch, odd_crawl, odd_inputs, protect, verify
 
     p = protect.load_perturbation()
     out: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "perturbation": p.card.get("name")}
@@ -463,6 +466,11 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
     out["bad_inputs"] = {k: bad[k] for k in ("files", "clear_errors", "correct_results", "crashes", "hangs",
                                              "silently_wrong", "unexpected", "originals_modified")}
     out["bad_input_cases"] = bad["cases"]
+    with tempfile.TemporaryDirectory() as tmp:
+        crawled = odd_crawl.run_odd_crawl(tmp)
+    out["crawl_bad_inputs"] = {k: crawled[k] for k in ("files", "clear_errors", "correct_results", "crashes", "hangs",
+                                                       "silently_wrong", "unexpected", "originals_modified", "seconds")}
+    out["crawl_bad_input_cases"] = crawled["cases"]
     out["demo_load"] = bench_demo_load()
     return out
 
@@ -491,6 +499,13 @@ def _print_protect(r: dict) -> None:
           f"correct results, {b['crashes']} crashes, {b['hangs']} hangs, {b['silently_wrong']} silently wrong, "
           f"{b['unexpected']} unexpected, {b['originals_modified']} originals modified")
     for c in r["bad_input_cases"]:
+        print(f"  {c['outcome']:14} {c['case']}: {c['detail'][:100]}")
+    b = r["crawl_bad_inputs"]
+    print(f"\nbad or odd inputs of toap crawl/search: {b['files']} cases, {b['clear_errors']} clear errors, "
+          f"{b['correct_results']} correct results, {b['crashes']} crashes, {b['hangs']} hangs, {b['silently_wrong']} "
+          f"silently wrong, {b['unexpected']} unexpected, {b['originals_modified']} originals modified; "
+          f"{b['seconds']:.0f} s")
+    for c in r["crawl_bad_input_cases"]:
         print(f"  {c['outcome']:14} {c['case']}: {c['detail'][:100]}")
     d = r["demo_load"]
     print(f"\nthe demo under load: {d['requests']} users press Protect and search at once (refined, {d['engine']}, "
