@@ -405,3 +405,15 @@ def test_a_path_longer_than_the_system_takes_costs_one_line(photos, tmp_path, ca
     assert cli.main(["crawl", str(photos), "--index", f"faiss://{tmp_path / 'f.faiss'}", "--json"]) == 1
     s = json.loads(capsys.readouterr().out)
     assert s["faces"] == 5 and any("File name too long" in f["reason"] for f in s["failed"]), s["failed"]
+
+
+def test_prune_refuses_another_folder(photos, tmp_path, capsys):
+    """--prune into an index built from another folder (here a sub-folder: every key differs) would
+    remove every face of the index: it is refused, and nothing is pruned."""
+    uri = f"faiss://{tmp_path / 'f.faiss'}"
+    cli.main(["crawl", str(photos), "--index", uri, "--json"])
+    capsys.readouterr()
+    assert cli.main(["crawl", str(photos / "Hugo_Chavez"), "--index", uri, "--prune"]) == 1
+    assert "none of the 6 files in the index is under" in capsys.readouterr().err
+    with X.open_index(uri) as ix:
+        assert len(ix) == 5 and len(ix.files()) == 6

@@ -34,7 +34,9 @@ one index.
 **Files that are gone.** A file in the ledger that the walk no longer finds (deleted, renamed,
 hidden) is *missing*: the summary always counts them, and its faces stay in the index (a search
 still returns them) until a crawl with ``prune`` (``--prune``) removes their rows and ledger
-records. A file under a folder that could not be listed is not counted as missing.
+records. A file under a folder that could not be listed is not counted as missing. ``prune``
+refuses, changing nothing, when no indexed file is under the folder any more while it holds
+photos (most likely another folder than the one the index was built from).
 
 **One crawl at a time.** The crawl holds the index's lock (``index.lock``: ``PATH.lock`` next to
 a FAISS file or Milvus Lite folder) from before it opens the index to the end; a second crawl,
@@ -195,16 +197,18 @@ def _scanned(folder: Path, index_uri: str) -> tuple[list[tuple[Path, str]], list
     return photos, failed, present, unreadable
 
 
-def _missing(ix: face_index.FaceIndex, folder: Path, present: set[str], unreadable: list[str]) -> list[str]:
+def _missing(ix: face_index.FaceIndex, folder: Path, present: set[str],
+             unreadable: list[str]) -> tuple[list[str], int]:
     """Keys of the files in the index's ledger that are gone from ``folder`` (not found by the
-    scan, not under a folder that could not be listed, and no longer there at all)."""
-    gone = []
-    for key in ix.files():
+    scan, not under a folder that could not be listed, and no longer there at all), and how many
+    files the ledger holds."""
+    known, gone = ix.files(), []
+    for key in known:
         if key in present or any(u == "." or key.startswith(u + "/") for u in unreadable):
             continue
         if not os.path.lexists(folder / key):
             gone.append(key)
-    return sorted(gone)
+    return sorted(gone), len(known)
 
 
 def crawl_folder(folder: str | Path, index_uri: str, engine_name: str | None = None, *,
@@ -269,8 +273,12 @@ def _crawl(ix: face_index.FaceIndex, folder: Path, index_uri: str, label_from_fo
                "photos": 0, "indexed": 0, "faces": 0, "no_face": [], "skipped": 0, "sha_checked": 0, "failed": [],
                "missing": [], "pruned": 0, "pruned_faces": 0}
     photos, summary["failed"], present, unreadable = _scanned(folder, index_uri)
-    missing = _missing(ix, folder, present, unreadable)
+    missing, known = _missing(ix, folder, present, unreadable)
     summary["missing"] = [shown(k) for k in missing]
+    if prune and missing and len(missing) == known and photos:
+        raise protect.ProtectError(f"--prune: none of the {known} files in the index is under {shown(str(folder))}, "
+                                   f"which holds {len(photos)} photos: is it the folder the index was built from? "
+                                   "Nothing was pruned")
     if prune and missing:
         summary["pruned_faces"] = ix.forget(missing)
         summary["pruned"] = len(missing)
