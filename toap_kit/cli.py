@@ -40,7 +40,9 @@ of either is refused by every command before any photo is read.
 
 Exit codes: 0 done; 1 a runtime problem (one line on stderr; ``--debug`` shows the traceback)
 or, for ``protect`` and ``crawl``, at least one path failed (listed in the summary, and for
-``protect`` in the manifest); 2 bad arguments.
+``protect`` in the manifest); 2 bad arguments; 3 ``verify`` only: the two photos are not the same
+photo (``verify.same_photo``: another photo, another person, a rotated or mirrored copy), so no
+verdict is given ("NOT COMPARABLE: ...").
 """
 from __future__ import annotations
 
@@ -202,7 +204,8 @@ def verify_help() -> str:
     return ("Compare the original photo with the copy a platform serves (or --simulate one): per engine, "
             "the Hamming distance between the two faces' codes and whether the engine still returns the "
             "person in its top 10, with the original's face in the database (query setting) or the "
-            "copy's (database setting).")
+            "copy's (database setting). No verdict (exit 3) unless the two are the same photo, as a "
+            "platform serves it (re-encoded, resized, centrally cropped).")
 
 
 def _setup_logging(debug: bool, quiet: bool = False) -> None:
@@ -278,11 +281,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     name = args.perturbation or (protect.STRENGTHS[args.mode] if args.mode else _perturbation_for(args.uploaded))
     rows = verify.verify(original, uploaded, engines=args.engines, perturbation=name)
     verdict = verify.verdict(rows)
+    first = rows[0] if rows else {}
+    check = {"same_photo": first.get("same_photo"), "similarity": first.get("photo_similarity"),
+             "threshold": verify.SAME_PHOTO_MIN, "crop": first.get("photo_crop"), "turned": first.get("photo_turned")}
+    code = 3 if check["same_photo"] is False else 0
     if args.json:
         print(json.dumps({"original": str(args.original), "uploaded": str(args.uploaded), "simulate": args.simulate,
-                          "perturbation": name, "rows": rows, "verdict": verdict}, indent=1))
-        return 0
-    first = rows[0] if rows else {}
+                          "perturbation": name, "photo_check": check, "rows": rows, "verdict": verdict}, indent=1))
+        return code
 
     def face(key: str) -> str:
         return "face found" if first.get(key) else "NO face found: its central square was used"
@@ -291,6 +297,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(f"uploaded: {args.uploaded}{f' after --simulate {args.simulate}' if args.simulate else ''} "
           f"({face('face_found_uploaded')})")
     print(f"perturbation: {name or 'unknown (pass -m or --perturbation for the threat tiers)'}")
+    if rows:
+        print(f"photo check: {'the same photo' if check['same_photo'] else 'NOT the same photo'} (similarity "
+              f"{check['similarity']:.4f}, {'>=' if check['same_photo'] else '<'} {verify.SAME_PHOTO_MIN})")
     print("found = still in the engine's top 10 (ties in random order, more likely than not); query: the copy "
           "searches, the original is in the database; database: the reverse")
     head = f"{'engine':22} {'tier':22} {'hamming':>9} {'query':>14} {'database':>14}"
@@ -301,7 +310,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         d = f"{'FOUND' if r['found_top10_database'] else 'no'} ({r['p_top10_database']:.2f})"
         print(f"{r['engine']:22} {r['tier']:22} {r['hamming']:>4}/{r['bits']:<4} {q:>14} {d:>14}")
     print(verdict)
-    return 0
+    return code
 
 
 def _cmd_crawl(args: argparse.Namespace) -> int:
