@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import attacks, cg, evaluate, postprocess, report, results, retrieval, teacher, zoo
-from .config import OUTPUT_DIR
+from .config import OUTPUT_DIR, cpu_threads
 from .data import load_faceset, make_protocol, retrieval_sets
 from .hashing import ITQ
 from .bench_scale import PARTS as SCALE_PARTS, _print_scale, _tree_rss, bench_scale, run_scale
@@ -388,7 +388,8 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
     - ``face_ms``: ``protect_image`` on a 112x112 face crop (no detection: the crop is the face),
       median of ``n_face``; ``face_detect_ms`` the same with detection;
     - ``refine_face_s``: the same face refined against dlib's network (``toap protect --refine``,
-      ``refine.DEFAULT_STEPS`` steps; dlib's network already loaded: the demo's path), median of 3;
+      ``refine.DEFAULT_STEPS`` steps; dlib's network already loaded: the demo's path; on
+      ``config.cpu_threads()`` threads (``refine_threads``), as the command line), median of 3;
       ``refine_cli_face_s``: ``toap protect FACE --refine STEPS --no-detect`` on a 250x250 photo,
       the whole fresh process timed (imports, network, its own torch threads), median of 3;
     - ``photo_12mp_ms``: a 4000x3000 photo (a shipped photo upscaled), detection included,
@@ -420,8 +421,14 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
 
     rec = KnownRecognizer()
     protect.protect_image(face, p, refine_steps=1, recognizer=rec)  # warm-up
-    out["refine_face_s"] = _median_ms(lambda: protect.protect_image(face, p, detect=False, refine_steps=DEFAULT_STEPS,
-                                                                     recognizer=rec), 3) / 1000
+    threads = torch.get_num_threads()
+    torch.set_num_threads(out.setdefault("refine_threads", cpu_threads()))  # as `toap` sets them
+    try:
+        out["refine_face_s"] = _median_ms(lambda: protect.protect_image(face, p, detect=False,
+                                                                         refine_steps=DEFAULT_STEPS, recognizer=rec),
+                                          3) / 1000
+    finally:
+        torch.set_num_threads(threads)
     out["refine_steps"] = DEFAULT_STEPS
     with tempfile.TemporaryDirectory() as tmp:  # as a user runs it: a fresh process, each into a new folder
         odd_inputs.shipped_photo(0).save(Path(tmp) / "face.png")
