@@ -294,7 +294,7 @@ def _crawl(ix: face_index.FaceIndex, folder: Path, index_uri: str, label_from_fo
             continue
         rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
         old = done.get(rel)
-        if old and old.get("size") == rec["size"] and not verify_sha and all(old.get(k) == rec[k] for k in rec):
+        if old and not verify_sha and all(old.get(k) == rec[k] for k in rec):
             summary["skipped"] += 1  # size, modification and change time as recorded: trusted
         else:
             todo.append((path, rel, rec, old if old and old.get("size") == rec["size"] else None))

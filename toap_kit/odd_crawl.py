@@ -112,7 +112,8 @@ NAMES = [("an apostrophe (O'Brien)", b"O'Brien.jpg"), ("an apostrophe in a folde
          ("a combining accent", "e\u0301.jpg".encode()), ("a name of 250 bytes", b"n" * 246 + b".jpg"),
          ("a path 40 folders deep", b"d/" * 40 + b"deep.jpg"), ("a leading dash", b"-rf.jpg"),
          ("spaces around the name", b"  spaced  .jpg"), ("format characters", b"%s %d {} %n.jpg"),
-         ("glob characters", b"[*?].jpg"), ("an upper-case suffix", b"UPPER.JPG"), ("a .jpeg name with dots", b"a.b.c.jpeg")]
+         ("glob characters", b"[*?].jpg"), ("an upper-case suffix", b"UPPER.JPG"),
+         ("a .jpeg name with dots", b"a.b.c.jpeg")]
 """Odd file names (as bytes), each given another shipped photo (another person)."""
 
 
@@ -179,7 +180,8 @@ def _make_inputs(c: _Corpus) -> None:
                           "dangling.jpg": lambda p: os.symlink(b"nowhere.jpg", p), "real.jpg": _jpeg(2),
                           "link.jpg": lambda p: os.symlink(b"real.jpg", p), "loop": lambda p: os.symlink(b".", p),
                           "folder.jpg/in.jpg": _jpeg(3), "grey16.png": Image.fromarray(rgb16[..., 0]),
-                          "rgb16.png": _encoded(rgb16, ".png"), "rotated.jpg": rotated.getvalue(), "two.jpg": two, ".hidden.jpg": _jpeg(6),
+                          "rgb16.png": _encoded(rgb16, ".png"), "rotated.jpg": rotated.getvalue(), "two.jpg": two,
+                          ".hidden.jpg": _jpeg(6),
                           ".private/p.jpg": _jpeg(7), "locked.jpg": _jpeg(8), "sealed/s.jpg": _jpeg(9),
                           "not-utf8-\udcfe.jpg": b"not a photo"}.items():
         _write(f / name, content)
