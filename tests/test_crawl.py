@@ -388,7 +388,7 @@ def test_the_crawl_corpus(tmp_path):
     bad URIs, index locations, two runs at once, a crawl killed half-way and stale files, through
     the real ``toap crawl``/``toap search`` in child processes with a strict UTF-8 stdout: no crash,
     no hang, nothing silently wrong, nothing unexpected, no original changed. The whole corpus:
-    about 7 min on a 2-core machine shared with other work."""
+    129 cases, 7.7 min on a 2-core machine shared with other work (load average 6-7)."""
     r = odd_crawl.run_odd_crawl(tmp_path / "corpus")
     wrong = [c for c in r["cases"] if c["outcome"] not in ("correct", "clear_error")]
     assert r["files"] >= 60 and wrong == [], wrong
