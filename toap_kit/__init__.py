@@ -45,7 +45,10 @@ Which module does what (one room per concept):
 - ``engine``      the face search engine over the shipped database (``Engine``, on an ``index``), the
                   database codes of every zoo model (shipped: ``db_codes``), used by ``verify`` and the demo.
 - ``verify``      what a platform's copy of a protected photo gives away, engine by engine.
-- ``odd_inputs``  a corpus of bad or odd photo files, for the tests and ``bench protect``.
+- ``odd_inputs``  a corpus of bad or odd photo files, for the tests and ``bench protect``;
+                  ``odd_crawl`` the same for ``toap crawl``/``search`` (odd names, files, URIs, index
+                  locations, races, stale files), run through ``odd_calls`` (``toap`` in a child process).
+- ``milvus_server`` a local Milvus server from the ``milvus`` wheel, for the tests and ``bench scale``.
 - ``plots``       figures: face grids and retrieval galleries.
 - ``demo``        the Gradio app's Blocks (``build_demo()``).
 - ``results``     TOAP's results run (``make results``): every method x victim x real post-processing
