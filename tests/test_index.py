@@ -168,22 +168,26 @@ def test_a_file_added_again_replaces_its_rows(backend, data, tmp_path):
     db, q, _ = data
     uri = "faiss" if backend == "faiss" else str(tmp_path / "f.db")
     with X.open_index(uri, bits=BITS, engine="test") as ix:
-        ix.add(db[:10])
-        first = ix.add(db[10:13], file=("p/a.jpg", {"size": 1}))
-        assert len(ix) == 13 and ix.crawled(["p/a.jpg"])["p/a.jpg"]["ids"] == first.tolist()
-        second = ix.add(db[20:22], [{"box": [1, 2, 3]}] * 2, file=("p/a.jpg", {"size": 2}))
-        assert len(ix) == 12 and ix.crawled(["p/a.jpg"])["p/a.jpg"]["size"] == 2
-        hits = ix.search(db[20], 1)
-        assert hits.ids[0, 0] == second[0] and hits.meta[0][0] == {"source": "p/a.jpg", "box": [1, 2, 3]}
-        # cut short: reserved, recorded as not done, rows inserted, then the process died
-        ids = ix._reserve(2)
-        ix._ledger_put({"p/b.jpg": {"size": 5, "ids": ids.tolist(), "done": False}})
-        ix._insert(db[30:32].astype(np.int8), ids, [{}, {}])
-        assert ix.crawled(["p/b.jpg"]) == {} and len(ix) == 14
-        ix.add(db[30:32], file=("p/b.jpg", {"size": 5}))
-        assert len(ix) == 14 and "p/b.jpg" in ix.crawled(["p/b.jpg"])
-        ix.add(np.zeros((0, BITS)), file=("p/noface.jpg", {"size": 9}))  # a photo without a face is recorded
-        assert ix.crawled(["p/noface.jpg"])["p/noface.jpg"]["faces"] == 0 and len(ix) == 14
+        _replaces_a_files_rows(ix, db)
+
+
+def _replaces_a_files_rows(ix, db) -> None:
+    ix.add(db[:10])
+    first = ix.add(db[10:13], file=("p/a.jpg", {"size": 1}))
+    assert len(ix) == 13 and ix.crawled(["p/a.jpg"])["p/a.jpg"]["ids"] == first.tolist()
+    second = ix.add(db[20:22], [{"box": [1, 2, 3]}] * 2, file=("p/a.jpg", {"size": 2}))
+    assert len(ix) == 12 and ix.crawled(["p/a.jpg"])["p/a.jpg"]["size"] == 2
+    hits = ix.search(db[20], 1)
+    assert hits.ids[0, 0] == second[0] and hits.meta[0][0] == {"source": "p/a.jpg", "box": [1, 2, 3]}
+    # cut short: reserved, recorded as not done, rows inserted, then the process died
+    ids = ix._reserve(2)
+    ix._ledger_put({"p/b.jpg": {"size": 5, "ids": ids.tolist(), "done": False}})
+    ix._insert(db[30:32].astype(np.int8), ids, [{}, {}])
+    assert ix.crawled(["p/b.jpg"]) == {} and len(ix) == 14
+    ix.add(db[30:32], file=("p/b.jpg", {"size": 5}))
+    assert len(ix) == 14 and "p/b.jpg" in ix.crawled(["p/b.jpg"])
+    ix.add(np.zeros((0, BITS)), file=("p/noface.jpg", {"size": 9}))  # a photo without a face is recorded
+    assert ix.crawled(["p/noface.jpg"])["p/noface.jpg"]["faces"] == 0 and len(ix) == 14
 
 
 @pytest.mark.parametrize("uri, match", [
@@ -309,21 +313,7 @@ def test_a_milvus_server_replaces_a_files_rows(data, milvus_uri):
     db, _, _ = data
     with _server_collection(milvus_uri) as name, X.open_index(milvus_uri, bits=BITS, engine="test",
                                                                collection=name) as ix:
-        ix.add(db[:10])
-        first = ix.add(db[10:13], file=("p/a.jpg", {"size": 1}))
-        assert len(ix) == 13 and ix.crawled(["p/a.jpg"])["p/a.jpg"]["ids"] == first.tolist()
-        second = ix.add(db[20:22], [{"box": [1, 2, 3]}] * 2, file=("p/a.jpg", {"size": 2}))
-        assert len(ix) == 12 and ix.crawled(["p/a.jpg"])["p/a.jpg"]["size"] == 2
-        hits = ix.search(db[20], 1)
-        assert hits.ids[0, 0] == second[0] and hits.meta[0][0] == {"source": "p/a.jpg", "box": [1, 2, 3]}
-        ids = ix._reserve(2)
-        ix._ledger_put({"p/b.jpg": {"size": 5, "ids": ids.tolist(), "done": False}})
-        ix._insert(db[30:32].astype(np.int8), ids, [{}, {}])
-        assert ix.crawled(["p/b.jpg"]) == {} and len(ix) == 14
-        ix.add(db[30:32], file=("p/b.jpg", {"size": 5}))
-        assert len(ix) == 14 and "p/b.jpg" in ix.crawled(["p/b.jpg"])
-        ix.add(np.zeros((0, BITS)), file=("p/noface.jpg", {"size": 9}))
-        assert ix.crawled(["p/noface.jpg"])["p/noface.jpg"]["faces"] == 0 and len(ix) == 14
+        _replaces_a_files_rows(ix, db)
 
 
 def test_a_milvus_server_ivf_probing_every_list_is_exact(data, milvus_uri):

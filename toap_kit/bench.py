@@ -482,6 +482,15 @@ def bench_protect(n_face: int = 200, n_photo: int = 5, n_folder: int = 100, fold
     return out
 
 
+def _print_corpus(title: str, b: dict, cases: list[dict]) -> None:
+    took = f"; {b['seconds']:.0f} s" if "seconds" in b else ""
+    print(f"\n{title}: {b['files']} cases, {b['clear_errors']} clear errors, {b['correct_results']} correct results, "
+          f"{b['crashes']} crashes, {b['hangs']} hangs, {b['silently_wrong']} silently wrong, {b['unexpected']} "
+          f"unexpected, {b['originals_modified']} originals modified{took}")
+    for c in cases:
+        print(f"  {c['outcome']:14} {c['case']}: {c['detail'][:100]}")
+
+
 def _print_protect(r: dict) -> None:
     print(f"toap protect / verify with {r['perturbation']}, {r['threads']} torch thread(s), {r['cpus']} CPUs")
     print("| measure | value | target |")
@@ -501,19 +510,8 @@ def _print_protect(r: dict) -> None:
           f"{r['verify_ms']:.0f} ms | |")
     print(f"| verify, {r['verify_engines']} engines, 12-megapixel photo | {r['verify_12mp_ms']:.0f} ms | |")
     print(f"| verify, first call: `toap verify --json` in a fresh process | {r['verify_first_call_s']:.1f} s | < 30 s |")
-    b = r["bad_inputs"]
-    print(f"\nbad or odd inputs: {b['files']} cases, {b['clear_errors']} clear errors, {b['correct_results']} "
-          f"correct results, {b['crashes']} crashes, {b['hangs']} hangs, {b['silently_wrong']} silently wrong, "
-          f"{b['unexpected']} unexpected, {b['originals_modified']} originals modified")
-    for c in r["bad_input_cases"]:
-        print(f"  {c['outcome']:14} {c['case']}: {c['detail'][:100]}")
-    b = r["crawl_bad_inputs"]
-    print(f"\nbad or odd inputs of toap crawl/search: {b['files']} cases, {b['clear_errors']} clear errors, "
-          f"{b['correct_results']} correct results, {b['crashes']} crashes, {b['hangs']} hangs, {b['silently_wrong']} "
-          f"silently wrong, {b['unexpected']} unexpected, {b['originals_modified']} originals modified; "
-          f"{b['seconds']:.0f} s")
-    for c in r["crawl_bad_input_cases"]:
-        print(f"  {c['outcome']:14} {c['case']}: {c['detail'][:100]}")
+    _print_corpus("bad or odd inputs", r["bad_inputs"], r["bad_input_cases"])
+    _print_corpus("bad or odd inputs of toap crawl/search", r["crawl_bad_inputs"], r["crawl_bad_input_cases"])
     d = r["demo_load"]
     print(f"\nthe demo under load: {d['requests']} users press Protect and search at once (refined, {d['engine']}, "
           f"facebook): {d['failed']} failed; latency p50 {d['p50_s']:.1f} s, p95 {d['p95_s']:.1f} s, max "
