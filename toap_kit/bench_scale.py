@@ -112,7 +112,8 @@ def ivf_lists(n: int) -> tuple[int, int]:
     return nlist, max(1, nlist // 16)
 
 
-def recall_at_k(exact_d: np.ndarray, got_d: np.ndarray, got_ids: np.ndarray, exact_ids: np.ndarray) -> tuple[float, float]:
+def recall_at_k(exact_d: np.ndarray, got_d: np.ndarray, got_ids: np.ndarray,
+                exact_ids: np.ndarray) -> tuple[float, float]:
     """Recall of an approximate top k (``Nq x k`` distances and ids, -1 where fewer came back)
     against the exact one: tie-aware (per query, the share of the exact top k's distance
     multiset that the approximate one holds: a tied item in place of another counts) and by id
@@ -403,8 +404,8 @@ def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: in
            "perturbation": perturbation, "backends": [], "protection": [], "measured": {}, "seconds": {}}
     if "backends" in parts:
         t = time.perf_counter()
-        out["backends"], out["seconds"]["simulate_max_size"] = _bench_backends(sizes, n_queries, k, seed, tuple(backends),
-                                                                               milvus)
+        out["backends"], out["seconds"]["simulate_max_size"] = _bench_backends(sizes, n_queries, k, seed,
+                                                                               tuple(backends), milvus)
         out["seconds"]["backends"], out["measured"]["backends"] = time.perf_counter() - t, now
     if "protection" in parts:
         t = time.perf_counter()
@@ -560,7 +561,8 @@ def _print_scale(r: dict) -> None:
     when = r.get("measured", {})
     kinds = ", ".join(dict.fromkeys(p["queries"] for p in r["protection"]))
     print(f"face index at scale: 64-bit codes of simulated strangers (dlib_itq_64), {r['cpus']} CPUs; build = open + "
-          f"add (+ flush for Milvus Lite); measured {when.get('backends', '-')}.\nprotection: database = "
+          f"add (+ flush for Milvus, + the index built and loaded for a server); measured "
+          f"{when.get('backends', '-')}.\nprotection: database = "
           f"{r['database']}; the protocol's query faces ({kinds}), no post-processing; measured "
           f"{when.get('protection', '-')}\n")
     print(markdown(r))
