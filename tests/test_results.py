@@ -69,17 +69,20 @@ def test_write_outputs(tmp_path):
 
 
 def test_fast_bench_keeps_the_json_contract(tmp_path):
-    """``python -m toap_kit.bench toap --json`` in fast mode (a smoke run of every part: it
-    checks the pipeline and the contract, not the claims)."""
+    """``python -m toap_kit.bench toap --json`` in fast mode (a smoke run of every part at a tiny
+    size: it checks the pipeline and the contract, not the claims). No time limit: a slow or
+    busy machine must not fail it (issue 28, item 12: it ran past a 1800 s limit)."""
     import json
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "TOAP_FAST": "1"}
-    out = subprocess.run([sys.executable, "-m", "toap_kit.bench", "toap", "--json"], capture_output=True, text=True,
-                         env=env, timeout=1800, check=True).stdout
-    r = json.loads(out)
+    run = subprocess.run([sys.executable, "-m", "toap_kit.bench", "toap", "--json"], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    r = json.loads(run.stdout)
+    assert r["fast"] and r["parts"] == list(results.PARTS)
     keys = {"method", "perturbation", "eps", "surrogates", "victim", "role", "tier", "setting", "post", "map_clean",
             "map_after", "rel_drop", "psnr", "ssim"}
     assert r["rows"] and all(keys <= set(row) for row in r["rows"])

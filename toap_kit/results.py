@@ -48,7 +48,7 @@ from .config import OUTPUT_DIR
 from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
-__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS",
+__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS",
            "Purified", "annotate_cards", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
            "refined", "reuse_rows", "run", "tradeoff", "write"]
 
@@ -57,7 +57,7 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 POSTS = ("none", "jpeg:95", "jpeg:90", "jpeg:80", "jpeg:75", "jpeg:60", "jpeg:50", "webp:75", "resize:0.75",
          "resize:0.5", "blur:1.0", "facebook", "weibo", "wechat", "instagram", "twitter")
 DB_POSTS = ("none", "jpeg:75", "facebook", "resize:0.5")
-FAST_POSTS = ("none", "jpeg:75", "resize:0.5")
+FAST_POSTS = ("none", "jpeg:75")  # a fast run's query-setting posts (database setting: none)
 WHITEBOX_POSTS = ("none", "jpeg:75", "resize:0.5")
 ABLATIONS = {"toap-no-cg": {"cg": False, "alternate": False}, "toap-no-alt": {"alternate": False},
              "toap-no-meta": {"meta": False}, "toap-no-robust": {"robust": False}}
@@ -67,6 +67,11 @@ REFINED = "refine-mid"
 """The rows of the per-photo refinement: ``refine.refine_faces(..., "mid")`` at its default steps."""
 REFINE_CHUNK = 128  # faces refined (and cached) together
 PHOTO_SIDES = (250, 1000, 2000)
+FAST_TOAP = {"rounds": 1, "steps_per_round": 2, "cg_steps": 1, "batch_size": 8}
+"""Fast mode's perturbation trainings (ablations, trade-off; the UAP gets ``steps_per_round``
+steps): a smoke run checks that every part runs and the result keeps its contract, not the claims."""
+FAST_SHIPPED = ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-mid")
+"""The shipped perturbations of a fast run (every method; the full run has the whole ladder)."""
 
 
 # ------------------------------------------------------------------ engines
@@ -124,7 +129,7 @@ def _ablation(name: str, data_: tuple, folder: Path, fast: bool) -> Perturbation
         return Perturbation.load(path)
     folder.mkdir(parents=True, exist_ok=True)
     recipe = artifacts.PERTURBATION_SPECS["toap-mid-cnn"]
-    sizes = {"rounds": 2, "steps_per_round": 10, "cg_steps": 3} if fast else {}
+    sizes = FAST_TOAP if fast else {}
     p = artifacts.make_perturbation(recipe, data=data_, **{**ABLATIONS[name], **sizes})
     p.card["name"] = name
     p.save(path)
@@ -188,6 +193,13 @@ def protect_photo(photo: torch.Tensor, perturbation: Perturbation, box: tuple[in
     return out
 
 
+def _label_of(lfw_identities: Sequence[str] | None) -> dict[str, int]:
+    """lfw158's label of each identity name; ``lfw_identities``: its identity list (None: read
+    from the face set, which loads every image)."""
+    ids = lfw_identities if lfw_identities is not None else data.load_faceset("lfw158", 32).identities
+    return {n: i for i, n in enumerate(ids)}
+
+
 def _photos(eval_identities: Sequence[str]) -> tuple[list[torch.Tensor], list[str]]:
     """The shipped 250x250 photos of evaluation identities."""
     faces = data.load_faceset("photos250", 250)
@@ -197,7 +209,7 @@ def _photos(eval_identities: Sequence[str]) -> tuple[list[torch.Tensor], list[st
 
 def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Module], sets: data.RetrievalSets,
                identities: list[str], profiles: Sequence[str], sides: Sequence[int] = PHOTO_SIDES,
-               refine_steps: int | None = None) -> list[dict]:
+               refine_steps: int | None = None, lfw_identities: Sequence[str] | None = None) -> list[dict]:
     """End-to-end rows ``photo:<profile>`` (query setting): each shipped photo of an evaluation
     identity, upscaled to each of ``sides``, protected on its face box, sent through the whole-
     photo profile, cut out again by ``data.crop_face``, searched in the clean database. The
@@ -205,9 +217,12 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
     victim x profile, pooling the sides (queries = photos x sides). With ``refine_steps`` (0:
     the refinement's default) the ``REFINED`` rows are added: each photo protected as ``toap
     protect --refine`` does it (``protect.protect_image``: faces found on the photo, each refined
-    from ``toap-mid``, feathered, rounded to 8 bits)."""
+    from ``toap-mid``, feathered, rounded to 8 bits). Photos whose person has no photo in the
+    database (a fast run's smaller database) are left out. ``lfw_identities``: see ``_label_of``."""
     photos, names = _photos(identities)
-    label_of = {n: i for i, n in enumerate(data.load_faceset("lfw158", 32).identities)}
+    label_of = _label_of(lfw_identities)
+    kept = [i for i, n in enumerate(names) if bool((sets.db_labels == label_of[n]).any())]
+    photos, names = [photos[i] for i in kept], [names[i] for i in kept]
     labels = torch.tensor([label_of[n] for n in names for _ in sides])
     boxes, big = [], []
     for ph in photos:
@@ -250,14 +265,14 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
 
 def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identities: list[str],
               strengths: Sequence[str] = tuple(protect.STRENGTHS), refine_steps: int | None = None,
-              profile: str = "facebook", k: int = 10) -> list[dict]:
+              profile: str = "facebook", k: int = 10, lfw_identities: Sequence[str] | None = None) -> list[dict]:
     """What the demo shows, for every shipped example photo (the 250x250 photos of evaluation
     identities): for each strength x {universal, refined} x engine, how many of the person's
     photos the engine's top ``k`` holds (tie-aware expectation) for the original and for the
     protected photo, both after ``profile`` (the demo's pipeline: ``protect.protect_image`` on the
-    whole photo, the profile, ``protect.face_crop``)."""
+    whole photo, the profile, ``protect.face_crop``). ``lfw_identities``: see ``_label_of``."""
     photos, names = _photos(identities)
-    label_of = {n: i for i, n in enumerate(data.load_faceset("lfw158", 32).identities)}
+    label_of = _label_of(lfw_identities)
     rec = refine.KnownRecognizer() if refine_steps is not None else None
     db_codes = {n: m.encode(sets.db_images) for n, m in engines.items()}
     rows = []
@@ -420,9 +435,9 @@ def _tradeoff_perturbation(base: str, e: int, data_: tuple, folder: Path, fast: 
     folder.mkdir(parents=True, exist_ok=True)
     recipe = {**artifacts.PERTURBATION_SPECS[base], "eps": e}
     if recipe["method"] == "toap":
-        recipe.update(psnr_floor=10.0, rounds=2, steps_per_round=10 if fast else 40, cg_steps=3 if fast else 10)
+        recipe.update(psnr_floor=10.0, **(FAST_TOAP if fast else {"rounds": 2, "steps_per_round": 40, "cg_steps": 10}))
     else:
-        recipe["steps"] = 20 if fast else 80
+        recipe["steps"] = FAST_TOAP["steps_per_round"] if fast else 80
     p = artifacts.make_perturbation(recipe, data=data_)
     p.card["name"] = path.name
     p.save(path)
@@ -470,12 +485,13 @@ def _refit_head(engine: RecognizerHash, clean: torch.Tensor, protected: torch.Te
 
 def limits(perturbations: dict[str, Perturbation], engines: dict[str, RecognizerHash], sets: data.RetrievalSets,
            train_faces: torch.Tensor, purifiers: Sequence[str] = ("jpeg:50", "median:3", "resize:0.5"),
-           refine_steps: int | None = None, refine_train: int = 256) -> list[dict]:
+           refine_steps: int | None = None, refine_train: int = 256, refit_steps: int = 300) -> list[dict]:
     """Honest limits on the real-recognizer engines (query setting): an engine that purifies
     every image (database and queries) before hashing, and one that fine-tunes its hash layer
     on the protected training faces (``_refit_head``: it knows the protection). With
     ``refine_steps`` the refinement (``REFINED``) is measured too; its engine owner fine-tunes on
-    the first ``refine_train`` training faces refined (refining all of them would take an hour)."""
+    the first ``refine_train`` training faces refined (refining all of them would take an hour).
+    ``refit_steps``: the fine-tuning's Adam steps."""
     protections = {n: (p, p.apply, train_faces) for n, p in perturbations.items()}
     if refine_steps is not None:
         protections[REFINED] = (None, lambda x: refined(x, refine_steps or None, progress=False), train_faces[:refine_train])
@@ -489,7 +505,7 @@ def limits(perturbations: dict[str, Perturbation], engines: dict[str, Recognizer
             r = purified[vn, spec](apply, "query", "none")
             rows.append({**_row(p, pname, vn, "query", "none", r.map_clean, r.map_after, r.psnr, r.ssim, **meta),
                          "engine": f"purifies with {spec}"})
-        refit = evaluate.Evaluator(_refit_head(engine, train, apply(train)), sets)  # its database once
+        refit = evaluate.Evaluator(_refit_head(engine, train, apply(train), refit_steps), sets)  # its database once
         for post in ("none", "jpeg:75"):
             r = refit(apply, "query", post)
             rows.append({**_row(p, pname, vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim, **meta),
@@ -499,15 +515,19 @@ def limits(perturbations: dict[str, Perturbation], engines: dict[str, Recognizer
 
 # ------------------------------------------------------------------ the run
 def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str] = PARTS,
-        victims: Sequence[str] | None = None, eps: float = 8 / 255, pgd_steps: int = 10, seed: int = 0,
+        victims: Sequence[str] | None = None, eps: float = 8 / 255, pgd_steps: int | None = None, seed: int = 0,
         reuse: Path | None = RESULTS_DIR / "toap.json") -> dict:
     """The whole results run (see the module docstring), or only some of ``PARTS`` (the
     perturbations it trains are cached in ``cache``, default ``results/perturbations``, or
     ``outputs/results-fast/perturbations`` in fast mode, so a stopped run resumes);
-    ``fast`` (default: ``TOAP_FAST``) shrinks every size to a CI smoke run that checks the
-    pipeline, not the claims. ``victims`` (default: the whole zoo) lets a run be split across
-    processes; ``merge`` joins the parts. ``reuse``: an earlier full result whose grid rows of
-    byte-identical inputs are taken over instead of measured again (``reuse_rows``; None: none)."""
+    ``fast`` (default: ``TOAP_FAST``) shrinks every size to a smoke run that checks the
+    pipeline and the result's contract, not the claims: 24 queries and 20 distractors, two
+    victims, ``FAST_SHIPPED``, ``FAST_POSTS``, ``FAST_TOAP`` trainings on the protocol's first
+    32 training faces, 2 steps of refinement and of PGD (``pgd_steps``: default 10, fast 2);
+    one photo, profile, strength and purifier. ``victims`` (default: the whole zoo) lets a run
+    be split across processes; ``merge`` joins the parts. ``reuse``: an earlier full result
+    whose grid rows of byte-identical inputs are taken over instead of measured again
+    (``reuse_rows``; None: none)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
@@ -520,16 +540,21 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
     proto = data.make_protocol(faces, len(dis))
     sets = data.retrieval_sets(proto, faces, dis)
     if fast:
-        sets = sets.subset(24, 300)
-    data_ = artifacts.perturbation_data()
-    if fast:
-        data_ = (data_[0][:200], data_[1][:200], data_[2][:16], data_[3] + " (fast: first 200)")
-    victims = _victims(victims or (zoo.names() if not fast else ["mobilenet_csq_32", "vgg_dpsh_32", "dlib_itq_32"]))
-    shipped = {n: Perturbation.load(n) for n in ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-mid-mixed", "toap-low",
-                                                 "toap-mid", "toap-high") if n in Perturbation.shipped()}
+        sets = sets.subset(24, 20)  # 24 queries: the first that hold a shipped photo's person
+    if fast:  # from the faces loaded above (perturbation_data reads every face set again for its split)
+        train = torch.as_tensor(proto.train[:32])  # no faces to check each TOAP round: tests/test_toap.py does
+        data_ = (faces.images[train], faces.labels[train], None, "fast: the open-set protocol's first 32 training faces")
+    else:
+        data_ = artifacts.perturbation_data()
+    victims = _victims(victims or (zoo.names() if not fast else ["mobilenet_csq_32", "dlib_itq_32"]))
+    pgd_steps = pgd_steps or (2 if fast else 10)
+    shipped = {n: Perturbation.load(n) for n in (FAST_SHIPPED if fast else ("uap-mid-cnn", "uap-mid", "toap-mid-cnn",
+                                                                            "toap-mid-mixed", "toap-low", "toap-mid",
+                                                                            "toap-high"))
+               if n in Perturbation.shipped()}
     ablations = ({n: _ablation(n, data_, cache, fast) for n in ABLATIONS}
                  if "ablations" in parts else {})
-    steps = 10 if fast else None  # the refinement's steps (None: its default)
+    steps = 2 if fast else None  # the refinement's steps (None: its default)
     cnn = list(artifacts.CNN_SURROGATES)
     protections: dict[str, tuple] = {}
     if "grid" in parts:  # the baselines, the shipped perturbations and the refinement
@@ -569,15 +594,15 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
     if "photos" in parts:
         rows += photo_rows(headline, victims_only, sets, proto.eval_identities,
                            ("facebook",) if fast else tuple(postprocess.profiles()), (250,) if fast else PHOTO_SIDES,
-                           refine_steps=steps or 0)
-    trade = (tradeoff(victims_only, sets, data_, cache, (4, 8) if fast else TRADEOFF_EPS,
+                           refine_steps=steps or 0, lfw_identities=faces.identities)
+    trade = (tradeoff(victims_only, sets, data_, cache, (8,) if fast else TRADEOFF_EPS,
                       fast=fast) if "tradeoff" in parts else [])
     lim = (limits({n: headline[n] for n in ("uap-mid", "toap-mid") if n in headline}, engines, sets,
-                  data_[0][:64] if fast else data_[0], ("jpeg:50",) if fast else ("jpeg:50", "median:3", "resize:0.5"),
-                  refine_steps=steps or 0, refine_train=16 if fast else 256)
+                  data_[0][:16] if fast else data_[0], ("jpeg:50",) if fast else ("jpeg:50", "median:3", "resize:0.5"),
+                  refine_steps=steps or 0, refine_train=4 if fast else 256, refit_steps=30 if fast else 300)
            if "limits" in parts else [])
     table = (per_photo(engines, sets, proto.eval_identities, ("mid",) if fast else tuple(protect.STRENGTHS),
-                       refine_steps=steps or 0) if "per_photo" in parts and engines else [])
+                       refine_steps=steps or 0, lfw_identities=faces.identities) if "per_photo" in parts and engines else [])
     return {"fast": fast, "parts": list(parts), "protocol": proto.describe(), "eps": eps, "pgd_steps": pgd_steps,
             "perturbations": {n: p.card for n, p in {**shipped, **ablations}.items()},
             "rows": rows, "tradeoff": trade, "limits": lim, "per_photo": table,
