@@ -80,9 +80,10 @@ def test_empty_option_values_are_refused(tmp_path, capsys, command, option, empt
 
 
 @pytest.mark.parametrize("argv", [["protect", "", "-o", "OUT"], ["protect", "a.jpg", "-o", ""],
-                                  ["protect", "-d", "", "-o", "OUT"], ["verify", "", "a.jpg"], ["verify", "a.jpg", ""]])
+                                  ["protect", "-d", "", "-o", "OUT"], ["verify", "", "a.jpg"], ["verify", "a.jpg", ""],
+                                  ["crawl", "", "--index", "OUT.db"], ["search", "", "--index", "OUT.db"]])
 def test_empty_paths_are_refused(tmp_path, capsys, monkeypatch, argv):
     """An empty path is ``Path('')``, the current folder: ``toap protect '' -o out`` would have
-    protected every photo under it."""
+    protected every photo under it, ``toap crawl ''`` indexed it."""
     monkeypatch.chdir(tmp_path)
-    _refused(capsys, [str(tmp_path / "out") if a == "OUT" else a for a in argv], "empty")
+    _refused(capsys, [a.replace("OUT", str(tmp_path / "out")) for a in argv], "empty")

@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
                   "(a Milvus server); options ?ivf=NLIST&nprobe=N&collection=NAME")
     cr = sub.add_parser("crawl", help="index every face of a folder of photos (a face search engine's crawler)",
                         description=crawl_help())
-    cr.add_argument("folder", type=Path, metavar="FOLDER", help="a folder of photos (recursive)")
+    cr.add_argument("folder", type=_path, metavar="FOLDER", help="a folder of photos (recursive)")
     cr.add_argument("--index", required=True, type=_text, metavar="URI", help=index_help + " (created if missing)")
     cr.add_argument("--engine", type=_text, metavar="NAME",
                     help="the zoo engine that encodes the faces (default: the index's, or dlib_itq_32 for a new one)")
@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
                         description="List the top k of every face of PHOTO in a face index made by `toap crawl`, "
                                     "with each result's source file and Hamming distance; the faces are encoded "
                                     "by the engine the index was built with.")
-    se.add_argument("photo", type=Path, metavar="PHOTO", help="a photo (every face found is searched)")
+    se.add_argument("photo", type=_path, metavar="PHOTO", help="a photo (every face found is searched)")
     se.add_argument("--index", required=True, type=_text, metavar="URI", help=index_help)
     se.add_argument("--k", type=_whole(1, MILVUS_MAX_LIMIT), default=10,
                     help=f"results per face, 1..{MILVUS_MAX_LIMIT} (Milvus' most a query; default 10)")
