@@ -76,10 +76,9 @@ are the user's to avoid. ``check_location(uri)`` says, before any work, why a fi
 be used there (a file where a folder must be, a plain file where Milvus Lite keeps a folder, a
 folder that is not writable).
 
-**A Milvus server for the tests** (``tests/test_index.py`` uses one when ``TOAP_MILVUS_URI`` is
-set, and skips that test otherwise): Milvus standalone with its docker compose file,
-``wget https://github.com/milvus-io/milvus/releases/download/v2.5.4/milvus-standalone-docker-compose.yml
--O docker-compose.yml && docker compose up -d``, then ``TOAP_MILVUS_URI=http://localhost:19530``.
+**A Milvus server for the tests**: ``tests/conftest.py`` starts one from the ``milvus`` wheel
+(``toap_kit.milvus_server``, a dev extra) unless ``TOAP_MILVUS_URI`` names a server or cluster to
+use instead; the test skips, with the reason, only where that binary cannot run.
 
 **Where the code is**: this module reads URIs and opens an index (``parse_uri``, ``open_index``)
 and names everything public; ``index_core`` holds the codes (``as_codes``), ``Hits`` and
