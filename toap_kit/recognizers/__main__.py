@@ -82,7 +82,8 @@ def bench(names: tuple[str, ...] = NAMES) -> dict:
         net = load(name)
         f = cache / f"{name}-{'-'.join(f'{v:g}' for v in net.chip_box)}.npz"
         if f.exists():
-            e, d = np.load(f)["faces"], np.load(f)["distractors"]
+            with np.load(f) as z:
+                e, d = z["faces"], z["distractors"]
         else:
             e, d = _embed(net, faces.images, f"{name} lfw158"), _embed(net, dis.images, f"{name} distractors")
             np.savez(f, faces=e, distractors=d)
