@@ -25,11 +25,15 @@ def test_protect_photo_touches_only_the_face_box():
     assert found and 60 < s < 250
 
 
-def test_shared_dlib_network_gives_the_same_codes():
+def test_shared_networks_give_the_same_codes():
+    """Engines on one network share it; engines on another network keep theirs (issue 29: every
+    engine used to get the first engine's network)."""
     faces = data.load_faceset("lfw158", 112).images[:6]
-    plain = {n: zoo.load(n).encode(faces) for n in ("dlib_itq_32", "dlib_itq_64")}
-    shared = results._victims(["dlib_itq_32", "dlib_itq_64"])
+    names = ("dlib_itq_32", "dlib_itq_64", "mobileface_itq_32", "mobileface_itq_64")
+    plain = {n: zoo.load(n).encode(faces) for n in names}
+    shared = results.load_victims(names)
     assert shared["dlib_itq_32"].net is shared["dlib_itq_64"].net
+    assert shared["mobileface_itq_32"].net is shared["mobileface_itq_64"].net is not shared["dlib_itq_32"].net
     for n, m in shared.items():
         assert torch.equal(m.encode(faces), plain[n])
 
@@ -99,22 +103,22 @@ def test_grid_journal_resumes_without_measuring_again(tmp_path):
     p = _pert()
     journal = tmp_path / "journal.jsonl"
     args = (victims, sets, ("none", "jpeg:75"), ("none",), ("none",), 8 / 255)
-    first = results._grid({"toap-mid": ("toap", p.apply, p, ["vgg_dpsh_32"])}, *args, journal=journal)
+    first = results.grid({"toap-mid": ("toap", p.apply, p, ["vgg_dpsh_32"])}, *args, journal=journal)
     assert len(first) == 3 and len(journal.read_text().splitlines()) == 3  # one line per item x victim
 
     def never(x):
         raise AssertionError("a journalled item was measured again")
 
-    again = results._grid({"toap-mid": ("toap", never, p, ["vgg_dpsh_32"])}, *args, journal=journal)
+    again = results.grid({"toap-mid": ("toap", never, p, ["vgg_dpsh_32"])}, *args, journal=journal)
     assert again == first
     more = {**victims, "vgg_csq_64": zoo.load("vgg_csq_64")}  # another victim: only its rows are measured
-    wider = results._grid({"toap-mid": ("toap", p.apply, p, ["vgg_dpsh_32"])}, more, *args[1:], journal=journal)
+    wider = results.grid({"toap-mid": ("toap", p.apply, p, ["vgg_dpsh_32"])}, more, *args[1:], journal=journal)
     assert [r for r in wider if r["victim"] == "mobilenet_csq_32"] == first
     assert len(wider) == 6 and len(journal.read_text().splitlines()) == 6
     with open(journal, "a") as f:
         f.write('{"key": "half a line')  # a run killed while writing
     other = _pert(eps=4 / 255)  # another perturbation (another sha256) is measured, not read back
-    rows = results._grid({"toap-mid": ("toap", other.apply, other, ["vgg_dpsh_32"])}, *args, journal=journal)
+    rows = results.grid({"toap-mid": ("toap", other.apply, other, ["vgg_dpsh_32"])}, *args, journal=journal)
     assert len(rows) == 3 and rows != first
 
 
@@ -126,7 +130,7 @@ def test_rows_of_unchanged_inputs_are_reused_under_a_new_name(tmp_path):
     p.save(tmp_path / "renamed")  # the card now holds the tensor file's sha256
     p = Perturbation.load(tmp_path / "renamed")
     args = (victims, sets, ("none", "jpeg:75"), ("none",), ("none",), 8 / 255)
-    measured = results._grid({"old-name": ("toap", p.apply, p, ["vgg_dpsh_32"])}, *args)
+    measured = results.grid({"old-name": ("toap", p.apply, p, ["vgg_dpsh_32"])}, *args)
     previous = {"fast": False, "rows": measured, "perturbations": {"old-name": p.card}}
     journal = tmp_path / "journal.jsonl"
 
@@ -135,7 +139,7 @@ def test_rows_of_unchanged_inputs_are_reused_under_a_new_name(tmp_path):
 
     n = results.reuse_rows(previous, {"new-name": ("toap", never, p, ["vgg_dpsh_32"])}, list(victims), sets, journal, "")
     assert n == 3
-    rows = results._grid({"new-name": ("toap", never, p, ["vgg_dpsh_32"])}, *args, journal=journal)
+    rows = results.grid({"new-name": ("toap", never, p, ["vgg_dpsh_32"])}, *args, journal=journal)
     assert [r["perturbation"] for r in rows] == ["new-name"] * 3
     assert [r["rel_drop"] for r in rows] == [r["rel_drop"] for r in measured]
     other = _pert(eps=4 / 255)  # another tensor (another file sha256): nothing is reused for it

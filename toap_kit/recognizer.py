@@ -121,6 +121,8 @@ class DlibResNet(nn.Module):
     """dlib's face descriptor network (29 convolutions): ``N x 3 x 150 x 150`` aligned face
     chips in [0, 1] to ``N x 128`` descriptors (same-person pairs are within about 0.6)."""
 
+    name, dim, input_size = "dlib", 128, CHIP_SIZE  # as every descriptor network of ``recognizers``
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 32, 7, 2, 0)
@@ -183,41 +185,45 @@ def face_chip(x: torch.Tensor, box: Sequence[float], size: int = CHIP_SIZE) -> t
 
 
 class RecognizerHash(CodesMixin, nn.Module):
-    """A hash search engine on the real recognizer: ``face_chip`` -> ``DlibResNet`` -> ITQ.
+    """A hash search engine on a real recognizer: ``face_chip`` -> descriptor network -> ITQ.
 
     Args:
         bits: code length.
         chip_box: the face chip inside the kit's face crops (see ``teacher.Recognizer.chip_box``).
         input_size: side of the face crops it is meant for (the kit's crops: 112); inputs of
             any size >= 32 work, the chip is resampled from them.
-        net: the network (default: ``load_dlib_resnet()``).
+        net: the descriptor network: ``N x 3 x S x S`` chips in [0, 1] -> ``N x net.dim``, with
+            attributes ``name``, ``dim`` and ``input_size`` (``S``): ``DlibResNet`` (the default,
+            ``load_dlib_resnet()``) or the ``net`` of a ``recognizers.load(name)``.
 
     ``forward(x)`` gives ``N x bits`` pre-sign outputs ``(net(chip(x)) - center) @ projection``;
     ``encode`` their signs. ``center`` and ``projection`` are fitted by ``fit_itq``.
+    ``backbone_name``: ``dlib_resnet`` for dlib's network, else the network's name.
     """
 
-    backbone_name = "dlib_resnet"
-
-    def __init__(self, bits: int, chip_box: Sequence[float], input_size: int = 112, net: DlibResNet | None = None):
+    def __init__(self, bits: int, chip_box: Sequence[float], input_size: int = 112, net: nn.Module | None = None):
         super().__init__()
-        if bits < 1 or bits > 128:
-            raise ValueError(f"bits must be in 1..128 (the descriptor has 128 dimensions), got {bits}")
-        self.bits, self.input_size, self.chip_box = bits, input_size, tuple(float(v) for v in chip_box)
         self.net = net or load_dlib_resnet()
-        self.register_buffer("center", torch.zeros(128))
-        self.register_buffer("projection", torch.zeros(128, bits))
+        dim = self.net.dim
+        if bits < 1 or bits > dim:
+            raise ValueError(f"bits must be in 1..{dim} (the descriptor has {dim} dimensions), got {bits}")
+        self.bits, self.input_size, self.chip_box = bits, input_size, tuple(float(v) for v in chip_box)
+        self.network = self.net.name
+        self.backbone_name = "dlib_resnet" if self.network == "dlib" else self.network
+        self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("projection", torch.zeros(dim, bits))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The recognizer's 128-D descriptors of ``N x 3 x H x W`` [0, 1] face crops."""
+        """The network's ``N x dim`` descriptors of ``N x 3 x H x W`` [0, 1] face crops."""
         check_pixels(x)
-        return self.net(face_chip(x, self.chip_box))
+        return self.net(face_chip(x, self.chip_box, self.net.input_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-sign outputs ``u``, ``N x bits``, of pixels ``x`` in [0, 1]."""
         return (self.embed(x) - self.center) @ self.projection
 
     def fit_itq(self, descriptors: torch.Tensor, seed: int = 0) -> "RecognizerHash":
-        """Fit the hash layer by ITQ (``hashing.ITQ``) on ``N x 128`` descriptors."""
+        """Fit the hash layer by ITQ (``hashing.ITQ``) on ``N x dim`` descriptors."""
         itq = ITQ(self.bits, seed=seed).fit(descriptors.float().numpy())
         self.center.copy_(torch.from_numpy(itq.mean))
         self.projection.copy_(torch.from_numpy(itq.pca @ itq.rotation))

@@ -32,6 +32,7 @@ the square's edge as ``toap protect`` writes it, PSNR >= the strength's floor):
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -39,20 +40,21 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import postprocess, teacher, zoo
+from . import postprocess, recognizers, teacher, zoo
 from .config import OUTPUT_DIR
 from .config import device as default_device
 from .data import DATA_DIR, check_pixels, load_faceset, make_protocol
 from .hashing import ITQ
 from .perturbation import Perturbation, feather_mask
-from .recognizer import CHIP_SIZE, load_dlib_resnet
-from .toap import DLIB_DESCRIPTOR
+from .recognizer import CHIP_SIZE
+from .toap import own_descriptor
 
 __all__ = ["Adam", "DEFAULT_STEPS", "STRENGTHS", "WORK_SIDE", "KnownRecognizer", "RefineConfig", "fit_universal",
            "box_theta", "config_for", "known_recognizer", "landmark_thetas", "refine_deltas", "refine_faces",
@@ -229,65 +231,110 @@ def _own_layer(bits: int = 48, seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
 
 
 class KnownRecognizer:
-    """dlib's network (the torch port, frozen) as a protector who knows it uses it: chips,
-    descriptors and the protector's own hash layer, on ``device`` (default ``config.device()``)."""
+    """The networks a protector knows and attacks (``against``, names of ``recognizers.NAMES``;
+    default dlib's, the backbone of the kit's first real engines), frozen, on ``device``
+    (default ``config.device()``): each network's chips and descriptors, and, when dlib's
+    network is among them, the protector's own hash layer on its descriptor."""
 
-    def __init__(self, device: torch.device | str | None = None):
+    def __init__(self, device: torch.device | str | None = None, against: Sequence[str] = ("dlib",)):
         self.device = torch.device(device) if device else default_device()
-        self.net = load_dlib_resnet().to(self.device)
-        center, projection = _own_layer()
-        self.center, self.projection = center.to(self.device), projection.to(self.device)
-        self.engine_box = tuple(zoo.card("dlib_itq_32")["chip_box"])  # the face geometry of the kit's crops
+        self.against = check_against(against)
+        self.specs = {n: recognizers.SPECS[n] for n in self.against}
+        nets = {n: recognizers.load(n).net for n in self.against}  # shared with the zoo's engines on the CPU
+        self.nets = {n: net if self.device.type == "cpu" else copy.deepcopy(net).to(self.device) for n, net in nets.items()}
+        if "dlib" in self.against:
+            center, projection = _own_layer()
+            self.center, self.projection = center.to(self.device), projection.to(self.device)
+        # each network's fixed chip in the kit's crops: dlib's is its engines' (the face geometry of the crops)
+        self.boxes = {n: tuple(zoo.card("dlib_itq_32")["chip_box"]) if n == "dlib" else self.specs[n].chip_box
+                      for n in self.against}
 
-    def embed(self, x: torch.Tensor, theta: torch.Tensor, landmark: bool) -> torch.Tensor:
-        """``N x 128`` descriptors of faces ``x`` (any side) cut through chips ``theta``."""
-        grid = F.affine_grid(theta.to(x), [len(x), 3, CHIP_SIZE, CHIP_SIZE], align_corners=False)
+    @property
+    def surrogates(self) -> list[str]:
+        """What a perturbation's card records as its surrogates: ``toap.own_descriptor`` of each network."""
+        return [own_descriptor(n) for n in self.against]
+
+    def embed(self, x: torch.Tensor, theta: torch.Tensor, landmark: bool, network: str = "dlib") -> torch.Tensor:
+        """``N x dim`` descriptors by ``network`` of faces ``x`` (any side) cut through chips ``theta``."""
+        size = self.specs[network].input_size
+        grid = F.affine_grid(theta.to(x), [len(x), 3, size, size], align_corners=False)
         chips = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros" if landmark else "border",
                               align_corners=False)
-        return self.net(chips)
+        return self.nets[network](chips)
 
     def hash_outputs(self, e: torch.Tensor) -> torch.Tensor:
-        """Pre-sign outputs of the protector's own 48-bit layer for descriptors ``e``."""
+        """Pre-sign outputs of the protector's own 48-bit layer for dlib descriptors ``e``."""
         return (e - self.center) @ self.projection
 
 
-@lru_cache(maxsize=2)
-def _known_on(dev: torch.device) -> KnownRecognizer:
-    return KnownRecognizer(dev)
+def check_against(against: Sequence[str]) -> tuple[str, ...]:
+    """``against`` as a tuple of distinct ``recognizers.NAMES`` (ValueError otherwise)."""
+    if isinstance(against, str):
+        against = tuple(a.strip() for a in against.split(","))
+    against = tuple(against)
+    unknown = [a for a in against if a not in recognizers.NAMES]
+    if not against or unknown or len(set(against)) != len(against):
+        raise ValueError(f"against must name distinct networks of {', '.join(recognizers.NAMES)}, got {against!r}")
+    return against
 
 
-def known_recognizer(device: torch.device | str | None = None) -> KnownRecognizer:
-    """The process's ``KnownRecognizer`` on ``device`` (default ``config.device()``): loaded on
-    the first call (dlib's network and the own layer, a few seconds), then reused. The
+def _in_chip_of(theta: torch.Tensor, box_from, box_to) -> torch.Tensor:
+    """Chips ``theta`` cut in the frame of the fixed chip ``box_from``, moved to where
+    ``box_to`` sits relative to it: ``theta o B_from^-1 o B_to`` (each network's chip from
+    dlib's landmark-aligned one)."""
+    b_from, b_to = box_theta(box_from, 1)[0].double(), box_theta(box_to, 1)[0].double()
+    rel = torch.linalg.solve(b_from[:, :2], torch.cat([b_to[:, :2], (b_to[:, 2] - b_from[:, 2])[:, None]], 1))
+    t = theta.double()
+    return torch.cat([t[:, :, :2] @ rel[:, :2], t[:, :, :2] @ rel[:, 2:] + t[:, :, 2:]], 2).float()
+
+
+@lru_cache(maxsize=4)
+def _known_on(dev: torch.device, against: tuple[str, ...]) -> KnownRecognizer:
+    return KnownRecognizer(dev, against)
+
+
+def known_recognizer(device: torch.device | str | None = None, against: Sequence[str] = ("dlib",)) -> KnownRecognizer:
+    """The process's ``KnownRecognizer`` of ``against`` on ``device`` (default ``config.device()``):
+    loaded on the first call (the networks and the own layer, a few seconds), then reused. The
     refinement's default, so that ``toap protect --refine`` and the demo load it only once a
     face needs it (a photo without a face loads nothing), and once per process."""
-    return _known_on(torch.device(device) if device else default_device())
+    return _known_on(torch.device(device) if device else default_device(), check_against(against))
 
 
 @dataclass
 class _Refs:
-    """What the loss compares against, per face: chips and clean references for both geometries."""
+    """What the loss compares against, per face: chips and clean references, per network and geometry."""
 
-    thetas: dict[bool, torch.Tensor]       # landmark? -> N x 2 x 3
-    e0: dict[bool, torch.Tensor]           # landmark? -> N x 128 clean descriptors
-    b0: dict[bool, torch.Tensor]           # landmark? -> N x 48 clean own codes
-    scale: float                           # mean |u| of the own layer on clean faces
-    centres: torch.Tensor | None = None    # N x 128 identity means (landmark chips), if labels known
+    thetas: dict[tuple[str, bool], torch.Tensor]  # (network, landmark?) -> N x 2 x 3
+    e0: dict[tuple[str, bool], torch.Tensor]      # (network, landmark?) -> N x dim clean descriptors
+    b0: dict[bool, torch.Tensor]                  # landmark? -> N x 48 clean own codes (dlib's network)
+    scale: float                                  # mean |u| of the own layer on clean faces
+    centres: dict[str, torch.Tensor] | None = None  # network -> N x dim identity means (landmark chips)
 
 
 @torch.no_grad()
 def _references(rec: KnownRecognizer, faces: torch.Tensor, labels: torch.Tensor | None, batch: int = 64) -> _Refs:
-    dev = rec.device
-    thetas = {True: landmark_thetas(faces).to(dev), False: box_theta(rec.engine_box, len(faces)).to(dev)}
-    e0 = {k: torch.cat([rec.embed(faces[i:i + batch].to(dev), t[i:i + batch], k) for i in range(0, len(faces), batch)])
+    dev, n = rec.device, len(faces)
+    landmarks = landmark_thetas(faces).to(dev)
+    dlib_box = rec.boxes.get("dlib", recognizers.SPECS["dlib"].chip_box)
+    thetas = {}
+    for net in rec.against:
+        thetas[net, False] = box_theta(rec.boxes[net], n).to(dev)
+        thetas[net, True] = landmarks if net == "dlib" else _in_chip_of(landmarks, dlib_box, rec.boxes[net])
+    e0 = {k: torch.cat([rec.embed(faces[i:i + batch].to(dev), t[i:i + batch], k[1], k[0]) for i in range(0, n, batch)])
           for k, t in thetas.items()}
-    u = {k: rec.hash_outputs(e) for k, e in e0.items()}
-    refs = _Refs(thetas, e0, {k: torch.where(v >= 0, 1.0, -1.0) for k, v in u.items()},
-                 float(torch.cat(list(u.values())).abs().mean()))
+    b0, scale = {}, 1.0
+    if "dlib" in rec.against:
+        u = {k: rec.hash_outputs(e0["dlib", k]) for k in (True, False)}
+        b0 = {k: torch.where(v >= 0, 1.0, -1.0) for k, v in u.items()}
+        scale = float(torch.cat(list(u.values())).abs().mean())
+    refs = _Refs(thetas, e0, b0, scale)
     if labels is not None:
         ids, inv = labels.unique(return_inverse=True)
-        means = torch.zeros(len(ids), 128, device=dev).index_add_(0, inv.to(dev), e0[True])
-        refs.centres = (means / torch.bincount(inv, minlength=len(ids)).to(dev)[:, None])[inv.to(dev)]
+        inv = inv.to(dev)
+        count = torch.bincount(inv, minlength=len(ids))[:, None]
+        refs.centres = {net: (torch.zeros(len(ids), e0[net, True].shape[1], device=dev).index_add_(0, inv, e0[net, True])
+                              / count)[inv] for net in rec.against}
     return refs
 
 
@@ -320,16 +367,29 @@ def _process(x: torch.Tensor, draw: dict) -> torch.Tensor:
 def _loss(rec: KnownRecognizer, cfg: RefineConfig, refs: _Refs, idx: torch.Tensor, xa: torch.Tensor, draw: dict,
           gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Summed loss of the faces ``idx`` (protected ``xa``) under ``draw`` (summed, so each face's
-    gradient does not depend on the batch it is in), and its parts (means)."""
+    gradient does not depend on the batch it is in), and its parts (means). With several
+    networks the "away" terms are averaged over them, each distance in dlib's units
+    (``recognizers.descriptor_distance``), each network's chip jittered on its own."""
     k = draw["landmark"]
-    e = rec.embed(_process(xa, draw), _jitter(refs.thetas[k][idx], cfg, gen), k)
-    dist = (e - refs.e0[k][idx]).norm(dim=1).clamp(max=cfg.cap)
-    away = -dist / cfg.cap
-    if refs.centres is not None and cfg.w_identity and k:
-        away = away - cfg.w_identity * (e - refs.centres[idx]).norm(dim=1).clamp(max=cfg.cap) / cfg.cap
-    flips = torch.relu(cfg.margin + refs.b0[k][idx] * rec.hash_outputs(e) / refs.scale).mean(1)
-    per_face = away + cfg.w_hash * flips
-    return per_face.sum(), {"distance": float(dist.detach().mean()), "hash": float(flips.detach().mean())}
+    x = _process(xa, draw)
+    away, dists = 0.0, []
+    for net in rec.against:
+        spec = rec.specs[net]
+        e = rec.embed(x, _jitter(refs.thetas[net, k][idx], cfg, gen), k, net)
+        dist = recognizers.descriptor_distance(spec, e, refs.e0[net, k][idx]).clamp(max=cfg.cap)
+        away = away - dist / cfg.cap
+        if refs.centres is not None and cfg.w_identity and k:
+            away = away - cfg.w_identity * recognizers.descriptor_distance(
+                spec, e, refs.centres[net][idx]).clamp(max=cfg.cap) / cfg.cap
+        if net == "dlib":
+            flips = torch.relu(cfg.margin + refs.b0[k][idx] * rec.hash_outputs(e) / refs.scale).mean(1)
+        dists.append(dist.detach().mean())
+    per_face = away / len(rec.against)
+    parts = {"distance": float(torch.stack(dists).mean())}
+    if "dlib" in rec.against:
+        per_face = per_face + cfg.w_hash * flips
+        parts["hash"] = float(flips.detach().mean())
+    return per_face.sum(), parts
 
 
 def _project(delta: torch.Tensor, mask: torch.Tensor, cfg: RefineConfig) -> None:
@@ -365,8 +425,10 @@ class Adam:
 
 def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None = None, seed: int = 0,
                   progress: bool = False, config: RefineConfig | None = None,
-                  recognizer: KnownRecognizer | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
-    """Each face's own delta against dlib's network (see the module docstring).
+                  recognizer: KnownRecognizer | None = None, init: torch.Tensor | None = None,
+                  against: Sequence[str] | None = None) -> torch.Tensor:
+    """Each face's own delta against the networks ``against`` (default dlib's; see the module
+    docstring).
 
     Args:
         faces: ``N x 3 x H x W`` face crops in [0, 1] (the kit's crops, or the squares ``toap
@@ -375,9 +437,11 @@ def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None 
         steps: optimisation steps (default ``DEFAULT_STEPS``); 0 returns ``init`` (projected).
         seed: the run's seed (draws, jitter): the same inputs and seed give the same deltas.
         config: a full ``RefineConfig`` instead of ``strength``/``steps``/``seed``.
-        recognizer: a loaded ``KnownRecognizer`` (its device is used); default
-            ``known_recognizer()``, loaded on first use.
+        recognizer: a loaded ``KnownRecognizer`` (its device and networks are used); default
+            ``known_recognizer(against=against)``, loaded on first use.
         init: ``N x 3 x H x W`` starting deltas (e.g. a universal one); default zeros.
+        against: the networks to protect against (``recognizers.NAMES``, e.g. ``("dlib",
+            "faceres")``); default ``("dlib",)``, or the recognizer's.
 
     Returns:
         ``N x 3 x H x W`` float32 deltas on the CPU, already feathered (what is added):
@@ -387,7 +451,7 @@ def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None 
     if faces.shape[-1] != faces.shape[-2] or faces.shape[-1] < 32:
         raise ValueError(f"faces must be square crops of at least 32 px, got {tuple(faces.shape[-2:])}")
     cfg = config or strength_config(strength, steps, seed)
-    rec = recognizer or known_recognizer()
+    rec = _recognizer_for(recognizer, against)
     dev, n, side = rec.device, len(faces), faces.shape[-1]
     mask = torch.from_numpy(feather_mask(side)).to(dev) if cfg.feather else torch.ones(side, side, device=dev)
     delta = (torch.zeros(n, 3, side, side) if init is None else init.detach().float().clone()).to(dev)
@@ -418,6 +482,15 @@ def refine_deltas(faces: torch.Tensor, strength: str = "mid", steps: int | None 
     return (delta.detach() * mask).cpu()
 
 
+def _recognizer_for(recognizer: KnownRecognizer | None, against: Sequence[str] | None) -> KnownRecognizer:
+    """``recognizer`` (checked against ``against`` when both are given), else ``known_recognizer(against=...)``."""
+    if recognizer is None:
+        return known_recognizer(against=against or ("dlib",))
+    if against is not None and check_against(against) != recognizer.against:
+        raise ValueError(f"against={tuple(against)} but the recognizer knows {recognizer.against}")
+    return recognizer
+
+
 def refine_faces(faces: torch.Tensor, strength: str = "mid", steps: int | None = None, seed: int = 0,
                  progress: bool = False, **kwargs) -> torch.Tensor:
     """``faces`` (``N x 3 x H x W`` in [0, 1]) protected each by its own refined delta
@@ -429,17 +502,19 @@ def refine_faces(faces: torch.Tensor, strength: str = "mid", steps: int | None =
 
 # ------------------------------------------------------------------ universal, dlib-first
 def fit_universal(faces: torch.Tensor, labels: torch.Tensor, config: RefineConfig, data: str = "",
-                  progress: bool = True, recognizer: KnownRecognizer | None = None) -> Perturbation:
+                  progress: bool = True, recognizer: KnownRecognizer | None = None,
+                  against: Sequence[str] | None = None) -> Perturbation:
     """One universal delta (``3 x S x S`` for ``N x 3 x S x S`` training faces with identity
     ``labels``) with the same objective as ``refine_deltas``, each step on ``batch_size``
     random faces; no feather (``Perturbation.apply`` adds it to the whole crop, ``toap protect``
-    feathers it). The PSNR floor holds for every face. Returns the ``Perturbation`` (method
-    ``dlib-first``, surrogate ``toap.DLIB_DESCRIPTOR``)."""
+    feathers it). The PSNR floor holds for every face. ``against``/``recognizer``: the networks,
+    as in ``refine_deltas``. Returns the ``Perturbation`` (method ``dlib-first`` against dlib
+    alone, else ``ensemble``; surrogates ``toap.own_descriptor`` of each network)."""
     faces = check_pixels(faces, "faces", ndim=(4,))
     if labels.ndim != 1 or len(labels) != len(faces):
         raise ValueError(f"need one label per face, got {tuple(labels.shape)} for {len(faces)} faces")
     cfg = config
-    rec = recognizer or known_recognizer()
+    rec = _recognizer_for(recognizer, against)
     dev, side = rec.device, faces.shape[-1]
     t0 = time.perf_counter()
     refs = _references(rec, faces, labels)
@@ -451,7 +526,7 @@ def fit_universal(faces: torch.Tensor, labels: torch.Tensor, config: RefineConfi
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))  # big steps first, fine ones last
     history = []
     with torch.enable_grad():  # also under a caller's no_grad
-        for step in tqdm(range(cfg.steps), desc="dlib-first universal", disable=not progress):
+        for step in tqdm(range(cfg.steps), desc=f"universal against {'+'.join(rec.against)}", disable=not progress):
             idx = torch.randint(0, len(faces), (min(cfg.batch_size, len(faces)),), generator=gen)
             draw = _draw(cfg, rng)
             loss, parts = _loss(rec, cfg, refs, idx, (x[idx] + delta).clamp(0, 1), draw, gen)
@@ -463,8 +538,10 @@ def fit_universal(faces: torch.Tensor, labels: torch.Tensor, config: RefineConfi
             if step % 50 == 0 or step == cfg.steps - 1:
                 history.append({"step": step, **parts, "draw": draw["kind"]})
     seconds = round(time.perf_counter() - t0, 1)
-    card = {"method": "dlib-first", "surrogates": [DLIB_DESCRIPTOR], "config": asdict(cfg),
-            "objective": "descriptor distance from the clean face and its identity mean (capped) + own 48-bit layer flips",
+    hash_part = " + own 48-bit layer flips on dlib's" if "dlib" in rec.against else ""
+    card = {"method": "dlib-first" if rec.against == ("dlib",) else "ensemble", "surrogates": rec.surrogates,
+            "against": list(rec.against), "config": asdict(cfg),
+            "objective": f"descriptor distance from the clean face and its identity mean (capped, mean over networks){hash_part}",
             "data": data or f"{len(faces)} faces of {len(labels.unique())} identities", "n_faces": len(faces),
             "seed": cfg.seed, "seconds": {"delta": seconds}, "history": history, "device": str(dev)}
     return Perturbation(delta.detach()[0].cpu(), cfg.eps, card)

@@ -48,7 +48,7 @@ from .config import OUTPUT_DIR
 from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
-__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS",
+__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS", "grid", "load_victims",
            "Purified", "annotate_cards", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
            "refined", "reuse_rows", "run", "tradeoff", "write"]
 
@@ -76,8 +76,8 @@ FAST_SHIPPED = ("uap-mid-cnn", "uap-mid", "toap-mid-cnn", "toap-mid")
 
 # ------------------------------------------------------------------ engines
 class _MemoNet(nn.Module):
-    """dlib's network shared by both real-recognizer engines: the last few outputs are kept
-    by input content, so ``dlib_itq_32`` and ``dlib_itq_64`` run the network once per batch."""
+    """A real network shared by its engines: the last few outputs are kept by input content,
+    so ``dlib_itq_32`` and ``dlib_itq_64`` run the network once per batch."""
 
     def __init__(self, net: nn.Module, keep: int = 8):
         super().__init__()
@@ -95,13 +95,15 @@ class _MemoNet(nn.Module):
         return self._memo[key]
 
 
-def _victims(names: Sequence[str]) -> dict[str, nn.Module]:
+def load_victims(names: Sequence[str]) -> dict[str, nn.Module]:
+    """Zoo models by name; the engines on one real network share it through a ``_MemoNet``."""
     models = {n: zoo.load(n) for n in names}
-    engines = [m for m in models.values() if isinstance(m, RecognizerHash)]
-    if engines:
-        shared = _MemoNet(engines[0].net)
-        for m in engines:
-            m.net = shared
+    shared: dict[str, _MemoNet] = {}
+    for m in models.values():
+        if isinstance(m, RecognizerHash):
+            memo = shared.setdefault(m.network, _MemoNet(m.net))
+            memo.name, memo.dim, memo.input_size = m.net.name, m.net.dim, m.net.input_size
+            m.net = memo
     return models
 
 
@@ -144,28 +146,33 @@ def _method(p: Perturbation) -> str:
 
 # ------------------------------------------------------------------ the refinement, cached
 def refined(images: torch.Tensor, steps: int | None = None, cache: Path | None = None, progress: bool = True,
-            start: str = "toap-mid") -> torch.Tensor:
-    """``refine.refine_faces(images, "mid", steps)`` started from the shipped universal ``start``
-    (as ``toap protect --refine`` starts), in chunks of ``REFINE_CHUNK`` faces, each chunk cached
-    in ``cache`` (default ``outputs/results/refined``) under a hash of its pixels, the start and
-    the refinement's config, so a stopped run resumes and a rerun does not refine again."""
+            start: str | None = "toap-mid", against: Sequence[str] = ("dlib",)) -> torch.Tensor:
+    """``refine.refine_faces(images, "mid", steps, against=against)`` started from the shipped
+    universal ``start`` (as ``toap protect --refine`` starts; None: from zero), in chunks of
+    ``REFINE_CHUNK`` faces, each chunk cached in ``cache`` (default ``outputs/results/refined``)
+    under a hash of its pixels, the start, the networks and the refinement's config, so a
+    stopped run resumes and a rerun does not refine again."""
     from safetensors.torch import load_file, save_file
 
     cfg = refine.strength_config("mid", steps)
-    universal = Perturbation.load(start)
+    against = refine.check_against(against)
+    universal = Perturbation.load(start) if start else None
     cache = cache or OUTPUT_DIR / "results" / "refined"
     cache.mkdir(parents=True, exist_ok=True)
     rec, out = None, []
-    for i in tqdm(range(0, len(images), REFINE_CHUNK), desc="refine (chunks)", disable=not progress):
+    for i in tqdm(range(0, len(images), REFINE_CHUNK), desc=f"refine against {'+'.join(against)}",
+                  disable=not progress):
         x = images[i:i + REFINE_CHUNK].contiguous()
-        init = universal.resized(*x.shape[-2:])[None].expand(len(x), -1, -1, -1)
+        init = (universal.resized(*x.shape[-2:])[None].expand(len(x), -1, -1, -1) if universal is not None
+                else torch.zeros_like(x))
+        networks = b"" if against == ("dlib",) else " ".join(against).encode()  # dlib's keys are the older ones
         key = hashlib.sha256(x.numpy().tobytes() + init.numpy().tobytes()
-                             + json.dumps(asdict(cfg)).encode()).hexdigest()[:24]
+                             + json.dumps(asdict(cfg)).encode() + networks).hexdigest()[:24]
         path = cache / f"{key}.safetensors"
         if path.is_file():
             out.append(load_file(path)["protected"])
             continue
-        rec = rec or refine.KnownRecognizer()
+        rec = rec or refine.KnownRecognizer(against=against)
         y = refine.refine_faces(x, config=cfg, recognizer=rec, init=init)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"protected": y.contiguous()}, str(tmp))
@@ -321,7 +328,7 @@ def _row(p: Perturbation | None, pname: str, victim: str, setting: str, post: st
 
 
 def _journal_read(journal: Path | None) -> dict[str, list[dict]]:
-    """Rows already measured by an earlier, stopped run (``_grid``'s journal), by item key; a
+    """Rows already measured by an earlier, stopped run (``grid``'s journal), by item key; a
     half-written last line is ignored."""
     done: dict[str, list[dict]] = {}
     if journal is not None and journal.is_file():
@@ -375,7 +382,7 @@ def reuse_rows(previous: dict, protections: dict[str, tuple], victims: Sequence[
     return wrote
 
 
-def _grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[str]]], victims: dict[str, nn.Module],
+def grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[str]]], victims: dict[str, nn.Module],
           sets: data.RetrievalSets, posts: Sequence[str], db_posts: Sequence[str], whitebox_posts: Sequence[str],
           eps: float, journal: Path | None = None, baseline_id: str = "",
           baseline_ids: dict[str, str] | None = None) -> list[dict]:
@@ -546,7 +553,7 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
         data_ = (faces.images[train], faces.labels[train], None, "fast: the open-set protocol's first 32 training faces")
     else:
         data_ = artifacts.perturbation_data()
-    victims = _victims(victims or (zoo.names() if not fast else ["mobilenet_csq_32", "dlib_itq_32"]))
+    victims = load_victims(victims or (zoo.names() if not fast else ["mobilenet_csq_32", "dlib_itq_32"]))
     pgd_steps = pgd_steps or (2 if fast else 10)
     shipped = {n: Perturbation.load(n) for n in (FAST_SHIPPED if fast else ("uap-mid-cnn", "uap-mid", "toap-mid-cnn",
                                                                             "toap-mid-mixed", "toap-low", "toap-mid",
@@ -583,7 +590,7 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
             n = reuse_rows(previous, {k: v for k, v in protections.items() if k != REFINED}, list(victims), sets,
                            journal, baseline_id)
             log.info("reused %d grid rows of %s whose inputs are unchanged", n, reuse)
-    rows = _grid(protections, victims, sets, posts, DB_POSTS if not fast else ("none",),
+    rows = grid(protections, victims, sets, posts, DB_POSTS if not fast else ("none",),
                  WHITEBOX_POSTS if not fast else ("none",), eps, journal=journal, baseline_id=baseline_id,
                  baseline_ids={REFINED: json.dumps(asdict(refine.strength_config("mid", steps)))
                                + _ident("toap-mid", shipped.get("toap-mid"), "")})

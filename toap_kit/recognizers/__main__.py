@@ -4,8 +4,9 @@
 - ``parity``: the torch reader against the recorded TF.js outputs; with ``--record`` (node and
   ``@tensorflow/tfjs`` needed, see ``reference.node_tfjs``) against TF.js run now, and records them.
 - ``bench``: each recognizer on the open-set protocol (float descriptors by cosine, and ITQ codes
-  of 32 and 64 bits, all tie-aware mAP@all), and the chip each network reads, chosen on training
-  people only; writes ``results/recognizers.json`` and prints a table.
+  of 32 and 64 bits, all tie-aware mAP@all), and the chip each network reads and its distance
+  scale (``distance_scale``), both measured on training people only; writes
+  ``results/recognizers.json`` and prints a table.
 """
 from __future__ import annotations
 
@@ -49,6 +50,17 @@ def _cos_map(q: np.ndarray, db: np.ndarray, q_lab: np.ndarray, db_lab: np.ndarra
     return mean_average_precision(-unit(q) @ unit(db).T, q_lab, db_lab)
 
 
+def distance_scale(name: str, e: np.ndarray, labels: np.ndarray, pairs: int = 20000, seed: int = 0) -> float:
+    """Median distance between descriptors ``e`` of two faces of different people (``pairs``
+    random pairs; unit-normalised first for a cosine network): ``SPECS[name].distance_scale``."""
+    if SPECS[name].cosine:
+        e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, len(e), pairs), rng.integers(0, len(e), pairs)
+    other = labels[i] != labels[j]
+    return round(float(np.median(np.linalg.norm(e[i[other]] - e[j[other]], axis=1))), 3)
+
+
 def choose_chip(name: str, faces, train: np.ndarray, n_people: int = 30, seed: int = 0) -> dict[str, float]:
     """mAP@all (cosine, each face a query against the others) of ``name`` on ``n_people``
     training people under every candidate chip of ``CHIPS``: the choice never sees a victim."""
@@ -90,6 +102,7 @@ def bench(names: tuple[str, ...] = NAMES) -> dict:
         q, db = e[proto.queries], np.concatenate([e[proto.database_faces], d])
         row = {"name": name, "dim": net.dim, "input_size": net.input_size, "chip_box": list(net.chip_box),
                "float_map_all": round(_cos_map(q, db, q_lab, db_lab), 4)}
+        row["distance_scale"] = distance_scale(name, e[proto.train], faces.labels[proto.train].numpy())
         fit_on = np.concatenate([e[proto.train], d])  # as the dlib engines: training faces + distractors
         for b in BITS:
             itq = ITQ(b, seed=0).fit(fit_on)

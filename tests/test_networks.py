@@ -1,0 +1,123 @@
+"""Protection against networks it never ran (issue 29): engines on every real network, the
+ensemble refinement, the leave-one-network-out tiers and the matrix's smoke run."""
+import numpy as np
+import pytest
+import torch
+
+from toap_kit import data, networks, recognizers, refine, toap, zoo
+from toap_kit.recognizers import weights
+
+NEEDS_WEIGHTS = pytest.mark.skipif(bool(weights.missing()), reason="TF.js networks not fetched: run `make install`")
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return data.load_faceset("lfw158", 112).images[:3]
+
+
+def test_tiers_are_leave_one_network_out():
+    dlib, faceres = toap.own_descriptor("dlib"), toap.own_descriptor("faceres")
+    assert dlib == toap.DLIB_DESCRIPTOR
+    assert toap.threat_tier([dlib], "faceres_itq_64") == "engine-blackbox"
+    assert toap.threat_tier([dlib, faceres], "faceres_itq_64") == "engine-known-backbone"
+    assert toap.threat_tier([faceres], "dlib_itq_32") == "engine-blackbox"
+    assert toap.threat_tier([faceres], "mobilenet_csq_32") == "cnn-blackbox"  # the CNNs learned from dlib only
+    assert toap.threat_tier([dlib], "mobilenet_csq_32") == "cnn-teacher-known"
+    assert toap.threat_tier([toap.DLIB_SURROGATE], "dlib_itq_64") == "engine-known-backbone"
+    # the older stand-in: CNN-made protections on dlib's engines, still labelled as such
+    assert toap.stand_in(["vgg_dpsh_32"], "dlib_itq_32") and not toap.stand_in(["vgg_dpsh_32"], "faceres_itq_32")
+    assert not toap.stand_in([faceres], "dlib_itq_32")
+    assert {toap.engine_network(n) for n in networks.ENGINES} == set(recognizers.NAMES)
+    assert toap.engine_network("vgg_dpsh_32") is None
+
+
+def test_every_network_has_zoo_engines_with_cards():
+    for name in networks.ENGINES:
+        c = zoo.card(name)
+        assert c["role"] == "victim" and c["objective"] == "itq" and "network" in c
+        assert zoo.RECOGNIZER_BACKBONES[c["backbone"]] == toap.engine_network(name)
+        if c["backbone"] != "dlib_resnet":
+            assert c["network"]["files"] == weights.card()["networks"][toap.engine_network(name)]["files"]
+            assert tuple(c["chip_box"]) == recognizers.SPECS[toap.engine_network(name)].chip_box
+
+
+@NEEDS_WEIGHTS
+def test_engines_refuse_other_network_files(monkeypatch):
+    card = weights.card()
+    card["networks"]["faceres"]["files"]["faceres.bin"] = "0" * 64
+    monkeypatch.setattr(weights, "card", lambda: card)
+    with pytest.raises(ValueError, match="not the ones faceres_itq_32 was fitted on"):
+        zoo.load("faceres_itq_32")
+
+
+def test_against_is_checked():
+    assert refine.check_against("dlib, faceres") == ("dlib", "faceres")
+    for bad in ((), ("dlib", "dlib"), ("arcface",), ""):
+        with pytest.raises(ValueError, match="against must name"):
+            refine.check_against(bad)
+
+
+def test_chip_moved_between_frames_is_the_target_box():
+    a, b = (0.0945, 0.1583, 0.9188, 0.9826), (0.035, -0.011, 0.965, 0.919)
+    moved = refine._in_chip_of(refine.box_theta(a, 2), a, b)
+    torch.testing.assert_close(moved, refine.box_theta(b, 2), atol=1e-6, rtol=0)
+
+
+@NEEDS_WEIGHTS
+def test_landmark_chips_of_each_network_sit_near_its_fixed_chip(faces):
+    """The landmark-aligned chip of MobileFace and faceres (dlib's landmarks, carried into each
+    network's frame) lands near the fixed chip the network was measured with."""
+    rec = refine.known_recognizer(against=("dlib", "mobileface", "faceres"))
+    refs = refine._references(rec, faces, None)
+    for net in ("mobileface", "faceres"):
+        gap = (refs.thetas[net, True] - refs.thetas[net, False]).abs().amax()
+        assert gap < 0.25, f"{net}: landmark chip {gap:.2f} from the fixed chip (in [-1, 1] units)"
+
+
+@NEEDS_WEIGHTS
+def test_ensemble_refinement_moves_every_network_it_is_made_against(faces):
+    against = ("mobileface", "faceres")
+    cfg = refine.RefineConfig(steps=12, seed=0)
+    protected = refine.refine_faces(faces, config=cfg, against=against)
+    noise = (faces + (protected - faces).flatten(1)[:, torch.randperm(faces[0].numel(),
+                                                                        generator=torch.Generator().manual_seed(0))]
+             .view_as(faces)).clamp(0, 1)  # the same pixels' changes, shuffled: same size, no direction
+    with torch.no_grad():
+        for n in against:
+            net = recognizers.load(n)
+            e0, e, en = net.embed(faces), net.embed(protected), net.embed(noise)
+            moved = recognizers.descriptor_distance(net.spec, e, e0).mean()
+            by_noise = recognizers.descriptor_distance(net.spec, en, e0).mean()
+            assert moved > 3 * by_noise, f"{n}: moved {moved:.3f}, noise of the same size {by_noise:.3f}"
+    assert float(((protected - faces).abs().amax())) <= cfg.eps + 1 / 255
+    with pytest.raises(ValueError, match="the recognizer knows"):
+        refine.refine_deltas(faces, steps=1, recognizer=refine.known_recognizer(), against=against)
+
+
+def test_query_subset_spreads_queries_and_keeps_the_database():
+    faces, dis = data.load_faceset("lfw158", 32), data.load_faceset("distractors", 32)
+    sets = data.retrieval_sets(data.make_protocol(faces, len(dis)), faces, dis)
+    sub = networks.query_subset(sets, 10)
+    assert len(sub.query_images) == 10 and torch.equal(sub.db_labels, sets.db_labels)
+    assert len(set(sub.query_labels.tolist())) >= 8
+    with pytest.raises(ValueError):
+        networks.query_subset(sets, 0)
+
+
+@NEEDS_WEIGHTS
+def test_fast_matrix_has_every_cell_with_its_tier(tmp_path):
+    r = networks.run(fast=True, cache=tmp_path, progress=False)
+    f = networks.FAST
+    assert len(r["rows"]) == (2 + len(f["against"])) * len(f["engines"]) * len(f["posts"])
+    for row in r["rows"]:
+        net = toap.engine_network(row["victim"])
+        assert row["held_out"] == (net not in toap.surrogate_networks(row["surrogates"]))
+        assert row["tier"] == ("engine-blackbox" if row["held_out"] else "engine-known-backbone")
+        assert np.isfinite(row["rel_drop"]) and row["map_clean"] > 0
+        if row["perturbation"].startswith("refine["):
+            assert row["psnr"] >= refine.STRENGTHS["mid"][1] - 0.05
+    table = networks.matrix(r, "jpeg:75")
+    assert all(e in table for e in f["engines"]) and "held out" in table and "known" in table
+    assert set(networks.summary(r)) == {row["perturbation"] for row in r["rows"]}
+    again = networks.run(fast=True, cache=tmp_path, progress=False)  # the refinements are read back
+    assert [x["map_after"] for x in again["rows"]] == [x["map_after"] for x in r["rows"]]

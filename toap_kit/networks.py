@@ -1,0 +1,174 @@
+"""Leave-one-network-out: protections made against some real networks, judged on engines on all.
+
+A real crawler runs a face network of its own. The kit has three independent ones
+(``recognizers``: dlib's ResNet, MobileFace, faceres) and hash engines on each (``zoo``:
+``<network>_itq_32`` and ``_64``). Here each protection is made against a set of networks
+(``refine.refine_faces(..., against=...)``, or a universal delta) and judged on every engine:
+on an engine whose network the protection never used the tier is *real engine black-box*
+(``toap.threat_tier``), the question a user asks ("what about a crawler I never ran?").
+
+    python -m toap_kit.networks [--fast]      # -> results/networks.json and a printed table
+
+Protocol: the open-set protocol's evaluation identities (no model, CG or perturbation saw
+them); ``N_QUERIES`` queries spread over the query list (``query_subset``) against the whole
+database (their people's photos and the other evaluation people's, plus the 2,000
+distractors); query setting (the protected photo is the query); real codecs (``POSTS``);
+tie-aware mAP@all; each row names its tier. The refinements run at mid strength (eps 8/255,
+PSNR >= 35.5 dB) from zero, cached and resumable (``results.refined``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import data, perturbation, refine, results, toap, zoo
+from .config import OUTPUT_DIR
+from .recognizers import NAMES
+
+__all__ = ["AGAINST", "ENGINES", "N_QUERIES", "POSTS", "RESULT", "held_out", "matrix", "query_subset", "run",
+           "summary"]
+
+log = logging.getLogger(__name__)
+RESULT = results.RESULTS_DIR / "networks.json"
+AGAINST = (("dlib",), ("mobileface", "faceres"), ("dlib", "faceres"), ("dlib", "mobileface"),
+           ("dlib", "mobileface", "faceres"))
+"""The refinements: dlib's alone (``toap protect --refine``), each pair (the third network left
+out), and all three."""
+ENGINES = tuple(f"{n}_itq_{b}" for n in NAMES for b in (32, 64))
+POSTS = ("none", "jpeg:75", "facebook", "resize:0.5")
+N_QUERIES = 40
+FAST = {"queries": 4, "distractors": 20, "steps": 2, "against": (("dlib",), ("mobileface", "faceres")),
+        "engines": ("dlib_itq_32", "mobileface_itq_32", "faceres_itq_32"), "posts": ("none", "jpeg:75")}
+"""A fast run (``TOAP_FAST=1``): a smoke run of every step at a tiny size, not the claims."""
+
+
+def query_subset(sets: data.RetrievalSets, n: int) -> data.RetrievalSets:
+    """``sets`` with ``n`` queries spread evenly over its query list (so over its people), the
+    database unchanged."""
+    if not 1 <= n <= len(sets.query_images):
+        raise ValueError(f"n must be in 1..{len(sets.query_images)}, got {n}")
+    idx = torch.from_numpy(np.linspace(0, len(sets.query_images) - 1, n).round().astype(np.int64))
+    return data.RetrievalSets(sets.query_images[idx], sets.query_labels[idx], sets.db_images, sets.db_labels,
+                              sets.db_source)
+
+
+def held_out(against: Sequence[str]) -> list[str]:
+    """The networks a protection made against ``against`` never used."""
+    return [n for n in NAMES if n not in against]
+
+
+def run(fast: bool | None = None, cache: Path | None = None, progress: bool = True) -> dict:
+    """Every protection x engine x post (query setting); see the module docstring. ``fast``
+    (default: ``TOAP_FAST``) is a smoke run at ``FAST`` sizes."""
+    if fast is None:
+        fast = os.environ.get("TOAP_FAST", "0").lower() not in ("", "0", "false", "no")
+    t0 = time.perf_counter()
+    faces, dis = data.load_faceset("lfw158", 112), data.load_faceset("distractors", 112)
+    proto = data.make_protocol(faces, len(dis))
+    sets = data.retrieval_sets(proto, faces, dis)
+    sets = sets.subset(FAST["queries"], FAST["distractors"]) if fast else query_subset(sets, N_QUERIES)
+    against_sets = FAST["against"] if fast else AGAINST
+    engines = results.load_victims(FAST["engines"] if fast else ENGINES)
+    steps = FAST["steps"] if fast else None
+    cache = cache or OUTPUT_DIR / ("networks-fast" if fast else "networks") / "refined"
+    eps = 8 / 255
+    seconds: dict[str, float] = {}
+
+    def refiner(against: tuple[str, ...]):
+        def protect(x: torch.Tensor) -> torch.Tensor:
+            t = time.perf_counter()
+            out = results.refined(x, steps, cache, progress, start=None, against=against)
+            seconds[name(against)] = round((time.perf_counter() - t) / len(x), 2)
+            return out
+        return protect
+
+    def noise(x: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(len(x))
+        return (x + eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)).clamp(0, 1)
+
+    protections: dict[str, tuple] = {"noise": ("noise", noise, None, [])}
+    shipped = perturbation.Perturbation.load("toap-mid")
+    protections["toap-mid"] = (shipped.card["method"], shipped.apply, shipped, list(shipped.card["surrogates"]))
+    for against in against_sets:
+        protections[name(against)] = ("refine", refiner(against), None, [toap.own_descriptor(n) for n in against])
+    rows = results.grid(protections, engines, sets, FAST["posts"] if fast else POSTS, (), (), eps)
+    for r in rows:
+        r["held_out"] = toap.engine_network(r["victim"]) not in toap.surrogate_networks(r["surrogates"])
+    return {"fast": fast, "protocol": proto.describe(), "queries": len(sets.query_images),
+            "database": len(sets.db_images), "eps": eps, "refine_steps": steps or refine.DEFAULT_STEPS,
+            "refine_seconds_per_face": seconds,  # this run's wall time (a chunk read from the cache takes ~0)
+            "torch_threads": torch.get_num_threads(),
+            "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def name(against: Sequence[str]) -> str:
+    """A refinement's row name: ``refine[dlib+faceres]``."""
+    return f"refine[{'+'.join(against)}]"
+
+
+def matrix(result: dict, post: str = "jpeg:75", bits: int = 64) -> str:
+    """The leave-one-network-out matrix (markdown): one row per protection, one column per
+    network's engine at ``bits`` (or the run's smallest), each cell the retrieval removed
+    (relative mAP@all drop) after ``post`` and the tier's short mark (* held out)."""
+    rows = [r for r in result["rows"] if r["post"] == post and r["setting"] == "query"]
+    have = sorted({zoo.card(r["victim"])["bits"] for r in rows})
+    bits = bits if bits in have else have[0]
+    cols = [e for e in ENGINES if e.endswith(f"_{bits}") and any(r["victim"] == e for r in rows)]
+    out = [f"| protection (after {post}) | PSNR | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for p in dict.fromkeys(r["perturbation"] for r in rows):
+        cells = []
+        for e in cols:
+            r = next(r for r in rows if r["perturbation"] == p and r["victim"] == e)
+            mark = "held out" if r["tier"] == "engine-blackbox" else "known"
+            cells.append(f"{r['rel_drop']:.0%} ({mark})")
+        psnr = next(r["psnr"] for r in rows if r["perturbation"] == p)
+        out.append(f"| {p} | {psnr:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def summary(result: dict, posts: Sequence[str] = ("jpeg:75", "facebook", "resize:0.5")) -> dict[str, dict]:
+    """Per refinement: the worst (smallest) retrieval removed on an engine whose network it never
+    used, after each of ``posts`` (the issue's target measure), and its known-network best."""
+    out: dict[str, dict] = {}
+    for p in dict.fromkeys(r["perturbation"] for r in result["rows"]):
+        rs = [r for r in result["rows"] if r["perturbation"] == p and r["setting"] == "query"]
+        entry = {}
+        for post in posts:
+            held = [r["rel_drop"] for r in rs if r["post"] == post and r["held_out"]]
+            known = [r["rel_drop"] for r in rs if r["post"] == post and not r["held_out"]]
+            entry[post] = {"held_out_worst": round(min(held), 4) if held else None,
+                           "known_worst": round(min(known), 4) if known else None}
+        out[p] = entry
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m toap_kit.networks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fast", action="store_true", help="a smoke run at a tiny size (not written to results/)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    r = run(fast=args.fast or None)
+    if not r["fast"]:
+        tmp = RESULT.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(r, indent=1) + "\n")
+        tmp.replace(RESULT)
+    print(f"{r['queries']} queries of people no model saw, database {r['database']} faces; "
+          f"relative mAP@all drop; refine {r['refine_steps']} steps, s/face {r['refine_seconds_per_face']}")
+    for post in sorted({x["post"] for x in r["rows"]}, key=POSTS.index):
+        print(matrix(r, post))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
