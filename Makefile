@@ -30,7 +30,8 @@ demo: install  ## launch the Gradio demo on the shipped faces and models
 # Every notebook runs under nbval (fast mode), in reading order.
 NOTEBOOKS ?= $(sort $(wildcard notebooks/*.ipynb))
 
-# Debian's chromium + its chromedriver for the demo's browser test (never a browser download);
+# Debian's chromium + its chromedriver for the browser tests: the demo's, and the book's pages opened
+# with the network off (chromium only) (never a browser download);
 # where they cannot be installed (no apt-get, not root) the test is skipped with the reason.
 browser:  ## install chromium for the demo's browser test when missing and possible
 	@(command -v chromium && command -v chromedriver) >/dev/null || \
