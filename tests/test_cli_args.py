@@ -87,3 +87,13 @@ def test_empty_paths_are_refused(tmp_path, capsys, monkeypatch, argv):
     protected every photo under it, ``toap crawl ''`` indexed it."""
     monkeypatch.chdir(tmp_path)
     _refused(capsys, [a.replace("OUT", str(tmp_path / "out")) for a in argv], "empty")
+
+
+@pytest.mark.parametrize("nets,words", [("faceres", ["--refine"]), ("dlib,arcface", ["dlib, mobileface, faceres", "'dlib,arcface'"]),
+                                        ("dlib,dlib", ["distinct"])])
+def test_against_needs_refine_and_known_networks(tmp_path, capsys, nets, words):
+    """Issue 29: ``--against`` picks the refinement's networks; alone, or with a name outside
+    ``recognizers.NAMES``, it is one argparse line."""
+    refine_arg = [] if nets == "faceres" else ["--refine", "3"]
+    _refused(capsys, ["protect", str(tmp_path / "me.jpg"), "-o", str(tmp_path / "out"), "--against", nets, *refine_arg],
+             "--against", *words)

@@ -121,3 +121,19 @@ def test_fast_matrix_has_every_cell_with_its_tier(tmp_path):
     assert set(networks.summary(r)) == {row["perturbation"] for row in r["rows"]}
     again = networks.run(fast=True, cache=tmp_path, progress=False)  # the refinements are read back
     assert [x["map_after"] for x in again["rows"]] == [x["map_after"] for x in r["rows"]]
+
+
+@NEEDS_WEIGHTS
+def test_protect_files_refines_against_the_chosen_networks(tmp_path):
+    from toap_kit import batch, odd_inputs, protect
+
+    src = tmp_path / "in"
+    src.mkdir()
+    odd_inputs.shipped_photo(3).save(src / "me.png")
+    p = protect.load_perturbation()
+    rows = batch.protect_files([src], tmp_path / "out", p, refine_steps=1, against=("mobileface",), progress=False)
+    assert rows[0]["status"] == "protected" and rows[0]["settings"]["against"] == ["mobileface"]
+    plain = batch.protect_files([src], tmp_path / "plain", p, progress=False)
+    assert "against" not in plain[0]["settings"]  # no refinement: no networks recorded
+    with pytest.raises(protect.ProtectError, match="against must name"):
+        batch.protect_files([src], tmp_path / "bad", p, refine_steps=1, against=("arcface",), progress=False)

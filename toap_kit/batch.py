@@ -79,7 +79,7 @@ class _Job(NamedTuple):
 
 def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbation: Perturbation, detect: bool = True,
                   no_face: str = "skip", jpeg_quality: int | None = None, keep_exif: bool = False,
-                  progress: bool = True, refine_steps: int = 0) -> list[dict]:
+                  progress: bool = True, refine_steps: int = 0, against: Sequence[str] = ("dlib",)) -> list[dict]:
     """Protect photos (files, or folders searched recursively) into ``out_dir``.
 
     Args:
@@ -93,7 +93,9 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
         keep_exif: write the original EXIF back (orientation set to 1); default: no EXIF.
         progress: show a tqdm progress bar (and one per photo for the refinement).
         refine_steps: 0: the universal delta; N > 0: every face refined for N steps against
-            dlib's network (``protect.protect_image``; a few seconds a face on a laptop).
+            the networks ``against`` (``protect.protect_image``; a few seconds a face on a laptop).
+        against: the refinement's networks (``recognizers.NAMES``; default dlib's); recorded in
+            the rows' settings when ``refine_steps`` > 0.
 
     Returns:
         One manifest row per path of this run (``status``: ``protected``, ``copied``,
@@ -116,6 +118,7 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
     quality = _check_quality(jpeg_quality)
     if isinstance(refine_steps, bool) or not isinstance(refine_steps, (int, np.integer)) or refine_steps < 0:
         raise ProtectError(f"refine steps must be a whole number >= 0, got {refine_steps!r}")
+    against = _check_against(against) if refine_steps else ()  # the refinement's module loads only when asked for
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     jobs = _jobs(inputs, out_dir)
@@ -126,7 +129,7 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
     with _locked(out_dir):
         _clean_temps(out_dir)
         settings = {"detect": detect, "no_face": no_face, "jpeg_quality": quality, "keep_exif": keep_exif,
-                    "refine_steps": int(refine_steps)}
+                    "refine_steps": int(refine_steps), **({"against": list(against)} if refine_steps else {})}
         run = _Run(out_dir, perturbation, _perturbation_info(perturbation), settings,
                    _index(read_manifest(out_dir / MANIFEST)), progress)
         with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
@@ -135,6 +138,15 @@ def protect_files(inputs: Sequence[str | Path], out_dir: str | Path, perturbatio
 
 
 # ---------------------------------------------------------------- the run's set-up
+def _check_against(against: Sequence[str]) -> tuple[str, ...]:
+    from .refine import check_against  # the refinement's module: only its check, no network is loaded
+
+    try:
+        return check_against(against)
+    except ValueError as e:
+        raise ProtectError(str(e)) from None
+
+
 def _check_quality(q: int | None) -> int:
     if q is None:
         return DEFAULT_JPEG_QUALITY
@@ -314,7 +326,7 @@ def _protect_one(job: _Job, row: dict, run: _Run, t0: float) -> dict:
         raise ProtectError(f"{dst} already exists and was not written by toap protect: not overwritten")
     img, source = open_photo(src)
     res = protect_image(img, run.perturbation, run.settings["detect"], run.settings["refine_steps"],
-                        progress=run.progress)
+                        progress=run.progress, against=run.settings.get("against", ("dlib",)))
     row.update(format=_WRITABLE[source.format], bit_depth=source.bit_depth, faces=len(res.boxes),
                boxes=[list(b) for b in res.boxes], notes=source.notes + res.notes)
     if source.format == "MPO":

@@ -96,6 +96,16 @@ def _path(text: str) -> Path:
     return Path(_text(text))
 
 
+def _networks(text: str) -> tuple[str, ...]:
+    """An argparse ``type``: distinct names of ``recognizers.NAMES``, comma-separated."""
+    from .recognizers import NAMES
+
+    nets = tuple(n.strip() for n in _text(text).split(","))
+    if not all(n in NAMES for n in nets) or len(set(nets)) != len(nets):
+        raise argparse.ArgumentTypeError(f"takes distinct names of {', '.join(NAMES)}, comma-separated; got {text!r}")
+    return nets
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="toap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -119,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
                          f"STEPS steps a face, 1..{REFINE_MAX_STEPS} (default when given without a number: "
                          "the refinement's default, a few seconds a face on a laptop); much stronger on "
                          "those engines")
+    pr.add_argument("--against", type=_networks, default=None, metavar="NETS",
+                    help="with --refine: the face networks to refine against, comma-separated, of "
+                         "dlib, mobileface, faceres (default dlib; see results/networks.json for what each "
+                         "choice leaves on a network it never used)")
     pr.add_argument("--no-detect", action="store_true",
                     help="do not detect faces: each image is one face (its central square)")
     pr.add_argument("--no-face", choices=("skip", "copy"), default="skip",
@@ -228,13 +242,14 @@ def _cmd_protect(args: argparse.Namespace) -> int:
     inputs = list(args.inputs) + list(args.directory)
     p = protect.load_perturbation(args.perturbation, args.mode)
     steps = _refine_steps(args.refine)
+    against = tuple(n.strip() for n in (args.against or "dlib").split(","))
     rows = batch.protect_files(inputs, args.output, p, detect=not args.no_detect, no_face=args.no_face,
                                jpeg_quality=args.jpeg_quality, keep_exif=args.keep_exif,
-                               progress=not (args.no_progress or args.quiet), refine_steps=steps)
+                               progress=not (args.no_progress or args.quiet), refine_steps=steps, against=against)
     failed = sum(r["status"] == "error" for r in rows)
     if not args.quiet:
         info = batch._perturbation_info(p)
-        how = f", each face refined for {steps} steps against dlib's network" if steps else ""
+        how = f", each face refined for {steps} steps against {' + '.join(against)}" if steps else ""
         print(f"perturbation {info['perturbation']} (eps {info['eps_255']:g}/255, sha256 "
               f"{info['perturbation_sha256'][:12]}){how}; manifest {Path(args.output) / batch.MANIFEST}")
         print(batch.summarize(rows, args.output))
@@ -358,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "protect" and not (args.inputs or args.directory):
         parser.error("protect: no input: give photos or folders (INPUT... or -d DIR)")
+    if args.command == "protect" and args.against is not None and args.refine == 0:
+        _Parser(prog="toap protect").error("argument --against: chooses the networks of --refine: give --refine too")
     _setup_logging(args.debug, getattr(args, "quiet", False))
     threads = torch.get_num_threads()
     try:

@@ -87,6 +87,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -265,7 +266,7 @@ def _resized(t: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _refined_patches(image: Image.Image, boxes: list[tuple[int, int, int]], perturbation: Perturbation, steps: int,
-                     seed: int, recognizer, progress: bool) -> list[np.ndarray]:
+                     seed: int, recognizer, progress: bool, against: Sequence[str] = ("dlib",)) -> list[np.ndarray]:
     """Each face square's own refined delta (``side x side x 3``, feathered, pixel units): each
     square (of any size: a group photo's faces differ) is resized on its own to
     ``refine.WORK_SIDE``, all are refined together from the universal delta (``refine_deltas``
@@ -281,7 +282,8 @@ def _refined_patches(image: Image.Image, boxes: list[tuple[int, int, int]], pert
                        for b in boxes]).clamp(0, 1)
     config = refine.config_for(perturbation.eps, steps, seed)
     init = perturbation.resized(side, side)[None].expand(len(boxes), -1, -1, -1)
-    deltas = refine.refine_deltas(faces, config=config, recognizer=recognizer, init=init, progress=progress)
+    deltas = refine.refine_deltas(faces, config=config, recognizer=recognizer, init=init, progress=progress,
+                                  against=against)
     out = []
     for d, (_, _, s) in zip(deltas, boxes):
         big = (cv2.resize(np.ascontiguousarray(d.permute(1, 2, 0).numpy()), (s, s), interpolation=cv2.INTER_LINEAR)
@@ -291,7 +293,8 @@ def _refined_patches(image: Image.Image, boxes: list[tuple[int, int, int]], pert
 
 
 def protect_image(image: Image.Image, perturbation: Perturbation, detect: bool = True, refine_steps: int = 0,
-                  seed: int = 0, recognizer=None, progress: bool = False) -> ProtectedPhoto:
+                  seed: int = 0, recognizer=None, progress: bool = False,
+                  against: Sequence[str] = ("dlib",)) -> ProtectedPhoto:
     """Add ``perturbation`` to every face of ``image`` at its full resolution.
 
     Args:
@@ -299,10 +302,11 @@ def protect_image(image: Image.Image, perturbation: Perturbation, detect: bool =
         perturbation: the universal delta (pixel units of [0, 1], ``|delta| <= eps``).
         detect: find the faces (dlib's HOG detector); False: the central square is the face.
         refine_steps: 0: the universal delta; N > 0: each face gets its own delta, refined for
-            N steps against dlib's network (``refine.refine_deltas``, same eps as
+            N steps against the networks ``against`` (``refine.refine_deltas``, same eps as
             ``perturbation``, the refinement's PSNR floor, started from the universal delta).
-        seed: the refinement's seed; ``recognizer``: a loaded ``refine.KnownRecognizer`` to reuse;
-            ``progress``: a tqdm bar for the refinement.
+        seed: the refinement's seed; ``recognizer``: a loaded ``refine.KnownRecognizer`` to reuse
+            (of the same networks); ``progress``: a tqdm bar for the refinement.
+        against: the refinement's networks (``recognizers.NAMES``; default dlib's).
 
     Returns:
         ``ProtectedPhoto``; without a face, its image is the upright photo unchanged and
@@ -319,7 +323,8 @@ def protect_image(image: Image.Image, perturbation: Perturbation, detect: bool =
     rects = [(max(0, x0), max(0, y0), min(w, x0 + s), min(h, y0 + s)) for x0, y0, s in boxes]
     originals = [np.asarray(out.crop(r)) for r in rects]  # before any square changes (squares may overlap)
     lim = math.floor(perturbation.eps * scale + 1e-6)  # the eps-ball in stored integer levels
-    patches = (_refined_patches(out, boxes, perturbation, refine_steps, seed, recognizer, progress) if refine_steps
+    patches = (_refined_patches(out, boxes, perturbation, refine_steps, seed, recognizer, progress, against)
+               if refine_steps
                else [_patch(perturbation, s) for _, _, s in boxes])
     for (x0, y0, s), r, before, patch in zip(boxes, rects, originals, patches):
         if r[0] >= r[2] or r[1] >= r[3]:
