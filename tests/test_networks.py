@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from toap_kit import data, networks, recognizers, refine, toap, zoo
+from toap_kit.perturbation import Perturbation
 from toap_kit.recognizers import weights
 
 NEEDS_WEIGHTS = pytest.mark.skipif(bool(weights.missing()), reason="TF.js networks not fetched: run `make install`")
@@ -108,7 +109,8 @@ def test_query_subset_spreads_queries_and_keeps_the_database():
 def test_fast_matrix_has_every_cell_with_its_tier(tmp_path):
     r = networks.run(fast=True, cache=tmp_path, progress=False)
     f = networks.FAST
-    assert len(r["rows"]) == (2 + len(f["against"])) * len(f["engines"]) * len(f["posts"])
+    universal = ["toap-mid"] + [n for n in Perturbation.shipped() if n.startswith(networks.ENSEMBLE_PREFIX)]
+    assert len(r["rows"]) == (1 + len(universal) + len(f["against"])) * len(f["engines"]) * len(f["posts"])
     for row in r["rows"]:
         net = toap.engine_network(row["victim"])
         assert row["held_out"] == (net not in toap.surrogate_networks(row["surrogates"]))

@@ -54,6 +54,12 @@ PERTURBATION_SPECS: dict[str, dict] = {
     **{name: {"method": "dlib-first", "eps": eps, "surrogates": (toap.DLIB_DESCRIPTOR,), "psnr_floor": floor,
               "steps": 1000, "lr": 2e-3, "p_none": 0.15, "p_jpeg": 0.3, "p_resize": 0.3}
        for name, eps, floor in (("toap-mid", 8, 32.5), ("toap-low", 4, 36.0), ("toap-high", 12, 29.0))},
+    # issue 29: the same recipe against two real networks, each leaving the third out (the
+    # leave-one-network-out matrix, ``python -m toap_kit.networks``, judges them on it)
+    **{f"ens-mid-{'-'.join(nets)}": {"method": "ensemble", "eps": 8, "against": nets,
+                                     "surrogates": tuple(toap.own_descriptor(n) for n in nets), "psnr_floor": 32.5,
+                                     "steps": 1000, "lr": 2e-3, "p_none": 0.15, "p_jpeg": 0.3, "p_resize": 0.3}
+       for nets in (("dlib", "mobileface"), ("dlib", "faceres"), ("mobileface", "faceres"))},
     # the previous ladder's recipe (TOAP with dlib's network as one of four surrogates), kept for
     # the comparison in the results and ``python -m toap_kit.artifacts perturbations --only toap-mid-mixed``
     "toap-mid-mixed": {"method": "toap", "eps": 8, "surrogates": WITH_DLIB, "psnr_floor": 32.5, "weights": DLIB_WEIGHT,
@@ -91,10 +97,10 @@ def make_perturbation(recipe: dict, seed: int = 0, progress: bool = True, data=N
                                          "optimizer": "Adam lr 1e-3, batch 32", "steps": recipe["steps"],
                                          "surrogates": names, "data": desc, "seed": seed,
                                          "seconds": {"delta": round(time.perf_counter() - t, 1)}})
-    config = {k: v for k, v in recipe.items() if k not in ("method", "eps", "surrogates")}
-    if recipe["method"] == "dlib-first":
+    config = {k: v for k, v in recipe.items() if k not in ("method", "eps", "surrogates", "against")}
+    if recipe["method"] in ("dlib-first", "ensemble"):
         cfg = refine.RefineConfig(eps=eps, seed=seed, **{**config, **overrides})
-        return refine.fit_universal(x, y, cfg, data=desc, progress=progress)
+        return refine.fit_universal(x, y, cfg, data=desc, progress=progress, against=recipe.get("against", ("dlib",)))
     attack = toap.TOAP(names, progress=progress, eps=eps, seed=seed, **{**config, **overrides})
     p = attack.fit(x, y, val_faces=val, data=desc)
     p.card["history_val"] = [dict(h) for h in attack.history if h["kind"] == "val"]

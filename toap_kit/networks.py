@@ -3,7 +3,8 @@
 A real crawler runs a face network of its own. The kit has three independent ones
 (``recognizers``: dlib's ResNet, MobileFace, faceres) and hash engines on each (``zoo``:
 ``<network>_itq_32`` and ``_64``). Here each protection is made against a set of networks
-(``refine.refine_faces(..., against=...)``, or a universal delta) and judged on every engine:
+(``refine.refine_faces(..., against=...)``, or a universal delta: ``toap-mid`` on dlib's, the
+``ens-mid-*`` on two networks) and judged on every engine:
 on an engine whose network the protection never used the tier is *real engine black-box*
 (``toap.threat_tier``), the question a user asks ("what about a crawler I never ran?").
 
@@ -34,7 +35,7 @@ from . import data, perturbation, refine, results, toap, zoo
 from .config import OUTPUT_DIR
 from .recognizers import NAMES
 
-__all__ = ["AGAINST", "ENGINES", "N_QUERIES", "POSTS", "RESULT", "held_out", "matrix", "query_subset", "run",
+__all__ = ["AGAINST", "ENGINES", "ENSEMBLE_PREFIX", "N_QUERIES", "POSTS", "RESULT", "held_out", "matrix", "query_subset", "run",
            "summary"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ out), and all three."""
 ENGINES = tuple(f"{n}_itq_{b}" for n in NAMES for b in (32, 64))
 POSTS = ("none", "jpeg:75", "facebook", "resize:0.5")
 N_QUERIES = 40
+ENSEMBLE_PREFIX = "ens-"
+"""The shipped universal deltas made against a set of networks (``artifacts.PERTURBATION_SPECS``)."""
 FAST = {"queries": 4, "distractors": 20, "steps": 2, "against": (("dlib",), ("mobileface", "faceres")),
         "engines": ("dlib_itq_32", "mobileface_itq_32", "faceres_itq_32"), "posts": ("none", "jpeg:75")}
 """A fast run (``TOAP_FAST=1``): a smoke run of every step at a tiny size, not the claims."""
@@ -96,8 +99,9 @@ def run(fast: bool | None = None, cache: Path | None = None, progress: bool = Tr
         return (x + eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)).clamp(0, 1)
 
     protections: dict[str, tuple] = {"noise": ("noise", noise, None, [])}
-    shipped = perturbation.Perturbation.load("toap-mid")
-    protections["toap-mid"] = (shipped.card["method"], shipped.apply, shipped, list(shipped.card["surrogates"]))
+    for n in ["toap-mid"] + [n for n in perturbation.Perturbation.shipped() if n.startswith(ENSEMBLE_PREFIX)]:
+        p = perturbation.Perturbation.load(n)  # the universal deltas: dlib's, and each pair's
+        protections[n] = (p.card["method"], p.apply, p, list(p.card["surrogates"]))
     for against in against_sets:
         protections[name(against)] = ("refine", refiner(against), None, [toap.own_descriptor(n) for n in against])
     rows = results.grid(protections, engines, sets, FAST["posts"] if fast else POSTS, (), (), eps)
