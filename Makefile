@@ -55,7 +55,7 @@ student: install  ## the student copy of the course into student/ (nbgrader's re
 artifacts: install  ## retrain everything the repo ships, from scratch, one seed (hours on 2 cores)
 	$(BIN)/python -m toap_kit.artifacts all --force
 
-bench: install  ## the README's benchmark tables (about 70 min on 2 CPU cores)
+bench: install  ## the README's benchmark tables (at least 87 min on 2 CPU cores: the README's part times, retrieval 22 + attacks 14 + cg 24 + scale 27 min, plus bench protect, not timed as a whole)
 	$(BIN)/python -m toap_kit.bench retrieval
 	$(BIN)/python -m toap_kit.bench attacks
 	$(BIN)/python -m toap_kit.bench cg

@@ -222,10 +222,10 @@ def demo_plan(result: dict, engine: str = DEFAULT_ENGINE, strength: str = DEMO_S
     ref = {r["photo"]: r for r in _rows(result, engine=engine, strength=strength, way="refined")}
     if not uni or not ref:
         raise ValueError(f"results/toap.json has no per-photo rows for {engine} at {strength}: run make results")
-    pool = [p for p in ref if ref[p]["hits_after"] < 0.5] or list(ref)
+    pool = [p for p in ref if ref[p]["hits_after"] < report.GONE_BELOW] or list(ref)
     success = max(pool, key=lambda p: (ref[p]["hits_before"], -uni[p]["hits_after"], p))
     failure = max(uni, key=lambda p: (uni[p]["hits_after"], p))
-    fails = [r for r in result["per_photo"] if r["hits_after"] >= 0.5]
+    fails = [r for r in result["per_photo"] if r["hits_after"] >= report.GONE_BELOW]
     return {"engine": engine, "strength": strength, "profile": ref[success]["profile"], "success": success,
             "failure": failure, "uni": uni, "ref": ref, "fails": fails,
             "photos": sorted({r["photo"] for r in result["per_photo"]}),
@@ -237,8 +237,8 @@ def demo_block(result: dict) -> str:
     eng, st, prof, ok, bad = p["engine"], p["strength"], p["profile"], p["success"], p["failure"]
     uni, ref = p["uni"], p["ref"]
     claims = report.claims(result)
-    n_ref = sum(r["hits_after"] < 0.5 for r in ref.values())
-    n_uni = sum(r["hits_after"] < 0.5 for r in uni.values())
+    n_ref = sum(r["hits_after"] < report.GONE_BELOW for r in ref.values())
+    n_uni = sum(r["hits_after"] < report.GONE_BELOW for r in uni.values())
     n = len(ref)
     lo, hi = min(p["refine_s"]), max(p["refine_s"])
     kb, eb = toap.TIER_LABELS["engine-known-backbone"], toap.TIER_LABELS["engine-blackbox"]
@@ -259,7 +259,7 @@ def demo_block(result: dict) -> str:
         "",
         f"**Step 2 (2 min): the same face, one pattern for everyone.** Untick *refine for this photo* (the "
         f"universal `toap-{st}`) and run again: {_pair(uni[ok])} on {eng}. "
-        + ("The universal pattern takes this face out too." if uni[ok]["hits_after"] < 0.5 else
+        + ("The universal pattern takes this face out too." if uni[ok]["hits_after"] < report.GONE_BELOW else
            "The person is still in the top 10: the universal pattern weakened the search, it did not hide the face."),
         "",
         f"**Step 3 (2 min): where the protection fails.** Click **{_name(bad)}**, universal, same settings: "

@@ -164,3 +164,65 @@ def test_the_lab_reads_exercises_and_the_lecture_reads_times(tmp_path):
     row = next(line for line in block.splitlines() if f"`{cid}`" in line)
     assert row.endswith("| 1.5 s | 0.0 s |"), row
     assert "full size, 2 CPU cores" in block
+
+
+# ---------------------------------------------------------------- issue 31, item 4: one story
+README = ROOT / "README.md"
+
+
+def test_make_bench_states_the_sum_of_the_readmes_part_times():
+    """``make bench``'s help states what the README's benchmark sections measured, added up (it
+    once said about 70 min where the parts add to 87)."""
+    readme = README.read_text()
+    parts = {"retrieval": r"`python -m toap_kit\.bench retrieval`[^\n]*\n?[^\n]*?\((\d+) min",
+             "attacks": r"`python -m toap_kit\.bench attacks` \((\d+) min",
+             "cg": r"`python -m toap_kit\.bench cg` \(add `--json` for the raw rows; it took (\d+) min",
+             "scale": r"`results/scale.json`.*?backends about (\d+) min, protection (\d+) min"}
+    minutes = {}
+    for name, pattern in parts.items():
+        m = re.search(pattern, readme, re.S)
+        assert m, f"the README no longer states bench {name}'s time where this test reads it"
+        minutes[name] = sum(int(g) for g in m.groups())
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("bench:"))
+    assert f"at least {sum(minutes.values())} min" in line, (line, minutes)
+    assert all(f"{name} {n}" in line for name, n in minutes.items()), (line, minutes)
+
+
+def _sections(path: Path) -> list[str]:
+    """The notebook's numbered ``## N.`` section headings, in order."""
+    nb = nbformat.read(path, as_version=4)
+    return [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()
+            if re.match(r"## \d+\. ", line)]
+
+
+def test_the_readme_lists_06s_sections_in_the_notebooks_order():
+    """The README's row for 06 names its sections in the notebook's order (it once put Algorithm 1
+    last): each key phrase is in the matching numbered heading, and in that order in the row."""
+    keys = ["variation pattern", "robust objective", "post-processing draws", "meta-learning", "Algorithm 1",
+            "live ablation", "alternation", "shipped"]
+    headings = _sections(ROOT / "notebooks" / "06_toap_three_in_one.ipynb")
+    assert len(headings) == len(keys), f"06's sections changed: update this test and the README's row\n{headings}"
+    for key, heading in zip(keys, headings):
+        assert key.lower() in heading.lower(), (key, heading)
+    row = next(x for x in README.read_text().splitlines() if x.startswith("| `06_toap_three_in_one` |"))
+    where = [row.lower().find(k.lower()) for k in keys]
+    assert -1 not in where and where == sorted(where), dict(zip(keys, where))
+
+
+def test_method_md_and_algorithm_1_state_toapconfigs_term_weights():
+    """docs/method.md and 06's Algorithm 1 (line 9) state the robust terms' weights as
+    ``TOAPConfig`` sets them, the feature term on the 128-D embedding and always on."""
+    from toap_kit.toap import TOAPConfig
+
+    cfg = TOAPConfig()
+    method = " ".join((ROOT / "docs" / "method.md").read_text().split())
+    for name in ("w_margin", "w_feature", "w_consistency"):
+        m = re.search(rf"`{name}` = ([\d.]+)", method)
+        assert m and float(m.group(1)) == getattr(cfg, name), f"docs/method.md states {name} as {m and m.group(1)}"
+    assert "optionally a feature" not in method and "128-D embedding" in method
+    nb = nbformat.read(ROOT / "notebooks" / "06_toap_three_in_one.ipynb", as_version=4)
+    algo = next(c.source for c in nb.cells if c.cell_type == "markdown" and "> **Algorithm 1**" in c.source)
+    line9 = next(x for x in algo.splitlines() if re.match(r">\s*9\. ", x))
+    for sym, name in (("w_m", "w_margin"), ("w_f", "w_feature"), ("w_c", "w_consistency")):
+        m = re.search(rf"\${sym} = ([\d.]+)\$", line9)
+        assert m and float(m.group(1)) == getattr(cfg, name), f"Algorithm 1 line 9 states {sym} as {m and m.group(1)}"

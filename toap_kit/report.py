@@ -28,10 +28,15 @@ import numpy as np
 from . import artifacts, postprocess, refine, toap
 from .results import HEADLINE_POSTS, REFINED, RESULTS_DIR, _atomic, _mean
 
-__all__ = ["README_BLOCKS", "README_CHECKED", "Claims", "check_readme", "claims", "markdown", "per_photo_sentence",
+__all__ = ["GONE_BELOW", "README_BLOCKS", "README_CHECKED", "Claims", "check_readme", "claims", "markdown", "per_photo_sentence",
            "readme_block", "readme_markers", "render", "targets", "targets_known", "update_readme", "write_markdown"]
 
 log = logging.getLogger(__name__)
+
+GONE_BELOW = 0.5
+"""A photo *leaves* an engine's top 10 (is "gone", "out of the top 10") when the top 10 is
+expected, tie-aware, to hold fewer than this many of the person's photos: 5.7 -> 0.4 counts as
+gone, 5.7 -> 0.6 does not. The README defines it where it first counts photos this way."""
 
 
 # ------------------------------------------------------------------ targets
@@ -102,7 +107,7 @@ def targets_known(result: dict) -> list[dict]:
         add(f"engine-known-backbone: worst dlib engine, {post} (dlib-first toap-mid, issue 18)", worst("toap-mid", post), goal)
     refined_photos = [r for r in result.get("per_photo", []) if r["way"] == "refined" and r["strength"] == "mid"]
     if refined_photos:
-        left = sum(r["hits_after"] < 0.5 for r in refined_photos)
+        left = sum(r["hits_after"] < GONE_BELOW for r in refined_photos)
         add(f"every shipped example photo leaves both dlib engines' top 10 after {refined_photos[0]['profile']} "
             f"(refined mid; share of photo x engine)", left / len(refined_photos), 1.0)
     return out
@@ -133,7 +138,8 @@ def _per_photo_table(table: list[dict]) -> list[str]:
         return []
     engines = sorted({r["engine"] for r in table})
     lines = [f"**per photo** (the demo's example photos, after the {table[0]['profile']} profile): the person's "
-             "photos in the engine's top 10 (tie-aware expectation), original -> protected", "",
+             "photos in the engine's top 10 (tie-aware expectation), original -> protected; a photo leaves the top 10 "
+             f"below {GONE_BELOW:g}", "",
              "| photo | strength | " + " | ".join(f"{w}, {e}" for w in ("universal", "refined") for e in engines) + " |",
              "|---|---|" + "---|" * (2 * len(engines))]
     for photo, strength in dict.fromkeys((r["photo"], r["strength"]) for r in table):
@@ -179,9 +185,9 @@ def per_photo_sentence(result: dict, engine: str = "dlib_itq_32", strength: str 
     ways = {w: [r for r in rows if r["way"] == w] for w in ("universal", "refined")}
     if not rows or not all(ways.values()):
         return ""
-    out = {w: sum(r["hits_after"] < 0.5 for r in rs) for w, rs in ways.items()}
+    out = {w: sum(r["hits_after"] < GONE_BELOW for r in rs) for w, rs in ways.items()}
     n, prof = len(ways["refined"]), rows[0]["profile"]
-    before = sum(r["hits_before"] >= 0.5 for r in ways["refined"])
+    before = sum(r["hits_before"] >= GONE_BELOW for r in ways["refined"])
     return (f"Measured on the {n} shipped example photos (`make results`): after the {prof} profile, "
             f"{engine} finds the person in its top 10 for {before} of {n} originals; protected at {strength} "
             f"strength, {out['universal']} of {n} leave its top 10 with the universal perturbation and "
@@ -307,7 +313,7 @@ def _re_encodes(rows: list[dict]) -> list[str]:
 def _per_photo_counts(result: dict, strength: str = "mid") -> dict[str, tuple[int, int]]:
     """Per way (universal, refined): (photo x engine pairs that leave the top 10, pairs)."""
     table = [r for r in result.get("per_photo", []) if r["strength"] == strength]
-    return {w: (sum(r["hits_after"] < 0.5 for r in rs), len(rs))
+    return {w: (sum(r["hits_after"] < GONE_BELOW for r in rs), len(rs))
             for w in ("universal", "refined") if (rs := [r for r in table if r["way"] == w])}
 
 
@@ -331,6 +337,17 @@ def _quality(rows: list[dict], pert: str, key: str) -> float:
                           and r["setting"] == "query"]))
 
 
+def _gone_example(result: dict, strength: str = "mid") -> str:
+    """Words for the per-photo pair closest above zero among those counted as gone (``GONE_BELOW``),
+    e.g. "Jiri Novak's 5.7 -> 0.4 on dlib_itq_64 counts"; "" when every gone pair is at 0."""
+    gone = [r for r in result.get("per_photo", []) if r["strength"] == strength and 0 < r["hits_after"] < GONE_BELOW]
+    if not gone:
+        return ""
+    r = max(gone, key=lambda r: (r["hits_after"], r["hits_before"]))
+    return (f": {r['photo'].replace('_', ' ')}'s {r['hits_before']:.1f} -> {r['hits_after']:.1f} on {r['engine']} "
+            f"({r['way']}) counts")
+
+
 def _summary(c: Claims) -> str:
     """The README's opening: what the protection does and does not do, per threat tier."""
     L, W, kb, eb = toap.TIER_LABELS, toap.TIER_WORDS, "engine-known-backbone", "engine-blackbox"
@@ -351,7 +368,9 @@ def _summary(c: Claims) -> str:
            f"{c.num('per photo, mid: refined pairs out of the top 10', photos['refined'][0], '{:.0f}')} of "
            f"{photos['refined'][1]} photo x engine pairs leave the engine's top 10 refined, "
            f"{c.num('per photo, mid: universal pairs out of the top 10', photos['universal'][0], '{:.0f}')} of "
-           f"{photos['universal'][1]} with the universal pattern." if len(photos) == 2 else ""),
+           f"{photos['universal'][1]} with the universal pattern (a pair *leaves the top 10* when the engine's top 10 "
+           f"is expected, tie-aware, to hold fewer than {GONE_BELOW:g} of the person's photos"
+           f"{_gone_example(c.result)})." if len(photos) == 2 else ""),
         f"- **{L[eb]}** ({W[eb]}; the kit's stand-in for an engine on a network the protector cannot run): "
         f"{c.drop('toap-mid-cnn', 'jpeg:75', eb)} with TOAP made on small CNNs (`toap-mid-cnn`), against "
         f"{c.drop('uap-mid-cnn', 'jpeg:75', eb)} for a plain universal perturbation and "
@@ -372,7 +391,7 @@ def _summary(c: Claims) -> str:
         f"{c.stated[f'query | {kb} | toap-mid | jpeg:75']} to {c.stated[f'query | {kb} | toap-mid | resize:0.5']}; "
         "and an engine owner who fine-tunes the hash layer on protected faces takes it to "
         f"{c.span('limits: toap-mid against a fine-tuned hash layer, jpeg:75', _limit(c.result, 'toap-mid', 'hash layer', 'jpeg:75'))} "
-        "(the honest limits under Results).",
+        "after JPEG q75 on the two dlib engines (the honest limits under Results).",
     ]
     c.check("an engine on a network the protector never ran keeps most of its retrieval quality", kept > 0.5)
     return "\n".join(lines)
@@ -489,8 +508,9 @@ def _reading(c: Claims) -> str:
         + f" Purifying with a down-up resize by 0.5 takes `toap-mid` back to "
         f"{c.span('limits: toap-mid purified with resize:0.5', _limit(r, 'toap-mid', 'purifies with resize:0.5'))}, "
         f"and a hash layer fine-tuned on {_tuned_on(r, 'toap-mid')} protected training faces to "
-        f"{c.span('limits: toap-mid against a fine-tuned hash layer', _limit(r, 'toap-mid', 'hash layer'))}: a "
-        "universal pattern is a fixed signal an engine owner can train away.")
+        f"{c.span('limits: toap-mid against a fine-tuned hash layer, jpeg:75', _limit(r, 'toap-mid', 'hash layer', 'jpeg:75'))} "
+        f"after JPEG q75 ({c.span('limits: toap-mid against a fine-tuned hash layer, none', _limit(r, 'toap-mid', 'hash layer', 'none'))} "
+        "without post-processing): a universal pattern is a fixed signal an engine owner can train away.")
     c.check("toap-mid removes about twice what toap-mid-mixed removes (the README's reason for the ladder)",
             1.6 <= ratio <= 2.6)
     c.check("toap-mid loses much to resize 0.5 (15+ points below JPEG q75)",
@@ -524,10 +544,26 @@ def _reading(c: Claims) -> str:
     # the engine, black-box
     both = [mean(p, post, eb) for p in ("toap-mid-cnn", "uap-mid-cnn") for post in posts]
     gap_eb = max(abs(mean("toap-mid-cnn", p, eb) - mean("uap-mid-cnn", p, eb)) for p in posts)
+    photo_posts = sorted({x["post"] for x in q if x["post"].startswith("photo:") and x["tier"] == eb
+                          and x["perturbation"] in ("toap-mid-cnn", "uap-mid-cnn")})
+    photo_eb = ""
+    if photo_posts:
+        t_ph, u_ph = ([mean(n, pp, eb) for pp in photo_posts] for n in ("toap-mid-cnn", "uap-mid-cnn"))
+        photo_eb = (
+            "on the whole-photo path (the perturbation put on the whole photo by `protect`, a platform's profile, the "
+            f"face found again: the `photo:` columns) TOAP removes "
+            f"{c.span('engine-blackbox: toap-mid-cnn, whole-photo path', t_ph)} and the UAP "
+            f"{c.span('engine-blackbox: uap-mid-cnn, whole-photo path', u_ph)}, more on every profile (after Facebook's "
+            f"{c.drop('toap-mid-cnn', 'photo:facebook', eb)} vs {c.drop('uap-mid-cnn', 'photo:facebook', eb)})"
+            if "photo:facebook" in photo_posts else "")
+        c.check("on the engine black-box's whole-photo path TOAP removes more than the UAP on every profile",
+                all(a > b for a, b in zip(t_ph, u_ph)))
     out.append(
         f"- *{L[eb]}*: made on small CNNs, TOAP and the UAP remove {c.span('engine-blackbox: toap-mid-cnn and uap-mid-cnn', both)} "
-        f"of dlib's retrieval (at most {c.pts('engine-blackbox: largest toap-mid-cnn - uap-mid-cnn gap', gap_eb)} apart "
-        f"after any post-processing); per-image PGD on the small CNNs, the per-photo protection of this tier, reaches "
+        f"of dlib's retrieval when the post-processing is applied to the face crop (at most "
+        f"{c.pts('engine-blackbox: largest toap-mid-cnn - uap-mid-cnn gap', gap_eb)} apart after any of them)"
+        f"{'; ' + photo_eb if photo_eb else ''}; per-image PGD on the small CNNs, the per-photo protection "
+        "of this tier, reaches "
         f"{c.span('engine-blackbox: pgd-cnn', [mean('pgd-cnn', p, eb) for p in posts])}. There is no refined row here: "
         "the refinement uses dlib's network by construction.")
     c.check("no refined row in the engine-blackbox tier", not any(x["perturbation"] == REFINED and x["tier"] == eb for x in rows))
