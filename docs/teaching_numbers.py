@@ -13,8 +13,12 @@ Sources, nothing measured here:
   engine, strength and upload to show, what the audience will see, and the honest sentence for
   each case where the protection fails;
 - ``book/times.json`` (``make book``, ``docs/build_book.py``): each chapter's and each code
-  cell's measured seconds, for the lecture's live cells (found by chapter and cell id);
-- the notebooks' nbgrader metadata: the checked exercises (grade ids, points) for the lab.
+  cell's measured seconds, for the lecture's live cells (found by chapter and cell id) and for
+  what grading a student's submission costs;
+- the notebooks' nbgrader metadata: the checked exercises (grade ids, points) for the lab, and
+  their check cells: ``WRONG_ANSWERS`` are common wrong answers, each with the words of the
+  message its check gives (``tests/test_teaching.py`` runs each wrong answer through the check
+  cell and finds those words in the failure).
 
 The guide holds one block per source between ``<!-- teaching_numbers: NAME begin ... -->``
 and ``<!-- teaching_numbers: NAME end -->`` (``BLOCKS``); ``tests/test_teaching.py`` checks each
@@ -40,31 +44,101 @@ from toap_kit.results import RESULTS_DIR  # noqa: E402
 GUIDE = ROOT / "docs" / "teaching.md"
 TIMES = ROOT / "book" / "times.json"
 NOTEBOOKS = ROOT / "notebooks"
-BLOCKS = ("levels", "lecture", "lab", "demo")
+BLOCKS = ("levels", "lecture", "lab", "wrong", "grading", "demo")
 DEMO_HEADING = "## 3. A 10-minute live demo"
 DEMO_STRENGTH, DEMO_UPLOAD = "mid", "facebook"
 
 LECTURE = (
     # (minutes into the lecture, chapter prefix, cell id, what it shows)
-    (3, "00", "aba2698a", "the five threat tiers in plain words (`toap.TIER_LABELS`, `TIER_WORDS`)"),
-    (8, "01", "1438bd6b", "sign codes and Hamming distance on a hand-made example"),
-    (13, "01", "11b20d32", "why ties must not be broken by storage order: one mAP, three values"),
-    (18, "02", "cadf378a", "PGD as the loop its equation describes, on eight faces"),
-    (21, "02", "05a8b2da", "the perturbation, amplified"),
-    (25, "03", "38a50f0b", "the shipped universal perturbation (one pattern for every face)"),
-    (29, "04", "7ec356e1", "JPEG quantisation against the perturbation's own DCT coefficients"),
-    (34, "06", "ef13fa0b", "the shipped TOAP perturbations, loaded with their cards"),
-    (38, "07", "682f6308", "the demo's per-photo table, read from `results/toap.json`"),
-    (43, "08", "nb08-03", "one real photo protected at mid strength"),
-    (46, "08", "nb08-09", "its simulated Facebook upload verified engine by engine, with each tier"),
+    (2, "00", "aba2698a", "the five threat tiers in plain words (`toap.TIER_LABELS`, `TIER_WORDS`)"),
+    (6, "01", "1438bd6b", "sign codes and Hamming distance on a hand-made example"),
+    (10, "01", "11b20d32", "why ties must not be broken by storage order: one mAP, three values"),
+    (14, "02", "cadf378a", "PGD as the loop its equation describes, on eight faces"),
+    (17, "02", "05a8b2da", "the perturbation, amplified"),
+    (20, "03", "38a50f0b", "the shipped universal perturbation (one pattern for every face)"),
+    (23, "04", "7ec356e1", "JPEG quantisation against the perturbation's own DCT coefficients"),
+    (26, "05", "nb05-slider", "the Compression Generator against the real codec, quality by quality (the slider)"),
+    (30, "06", "nb06-algo", "Algorithm 1, line by line (markdown: nothing to run)"),
+    (37, "06", "nb06-check", "`toap_from_scratch` gives `TOAP.fit`'s delta (a tiny run, every part on)"),
+    (41, "07", "682f6308", "the demo's per-photo table, read from `results/toap.json`"),
+    (45, "08", "nb08-03", "one real photo protected at mid strength"),
+    (47, "08", "nb08-09", "its simulated Facebook upload verified engine by engine, with each tier"),
 )
-"""The lecture's live cells, in order. Each chapter is run up to just before its first live cell
-ahead of the lecture (its whole time is in the block, from ``book/times.json``)."""
+"""The lecture's live cells, in order. Each chapter is run up to just before its last live cell
+ahead of the lecture (that time is in the block, from ``book/times.json``); a markdown cell is
+shown, not run."""
+LECTURE_MIN = 50
 
-LAB_CHAPTERS = ("01", "02", "04", "06", "08")
-LAB_PER_CHAPTER = 2
-"""The lab takes the first ``LAB_PER_CHAPTER`` checked exercises of each of ``LAB_CHAPTERS`` in
-this order (retrieval, attack, post-processing, TOAP, protection); the rest are homework."""
+LAB = (("01", 2), ("02", 2), ("04", 1), ("06", 2), ("08", 1))
+"""The lab: the first N checked exercises of each chapter, in this order (retrieval, attack,
+post-processing, TOAP, protection); the rest are homework."""
+LAB_MIN = 120
+LAB_PLAN = (("start: everyone opens `student/` and runs one check cell (its \"not solved yet\")", 10),
+            ("with the chapter's page (`book/`) open beside it", 10),
+            ("after each chapter's exercises: one right answer, and the check's words for a common wrong one "
+             "(the next table)", 4),
+            ("the homework list, and how it is graded", 10))
+"""Minutes of the lab: the start, each exercise, each chapter's review, the close (``lab_block``
+adds them up and refuses a plan over ``LAB_MIN``)."""
+CLASS_SIZE = 30
+"""The class the grading cost is given for."""
+
+WRONG_ANSWERS = (
+    # (grade id, the wrong answer in words, its code, words of the check's message)
+    ("nb01-ex6-hamming-packed", "counts the bytes that differ, not the bits",
+     "import numpy as np\ndef hamming_packed(q, db):\n    return (q[:, None, :] != db[None, :, :]).sum(axis=2)",
+     "Hint: XOR the bytes, then count the ones of every byte and add them over the code"),
+    ("nb01-ex7-precision-at-k", "sorts by distance and takes the first k (ties broken by position)",
+     "import numpy as np\ndef expected_precision_at_k(dist_row, relevant, k):\n"
+     "    return float(relevant[np.argsort(dist_row, kind='stable')][:k].mean())",
+     "each tied relevant item is in with probability (k - s) / n"),
+    ("nb02-ex6-fgsm", "returns `-eps * sign(grad)` without keeping `x + delta` in [0, 1]",
+     "import torch\ndef fgsm(model, x, eps, beta=1.0):\n    b = model.encode(x)\n"
+     "    x0 = x.detach().clone().requires_grad_(True)\n    (g,) = torch.autograd.grad((torch.tanh(beta * model(x0)) * b).mean(), x0)\n"
+     "    return (-eps * g.sign()).detach()",
+     "x + delta leaves [0, 1]. Hint: clip x - eps * sign(grad) to [0, 1], then subtract x"),
+    ("nb02-ex7-pgd-step", "steps up the gradient (`delta + alpha * sign(grad)`)",
+     "def pgd_step(x, delta, grad, eps, alpha):\n    step = (delta + alpha * grad.sign()).clamp(-eps, eps)\n"
+     "    return (x + step).clamp(0, 1) - x",
+     "(delta - alpha * sign(grad), down the gradient), then project"),
+    ("nb04-ex6-ycbcr-420", "subsamples chroma by taking every other pixel",
+     "import torch\ndef ycbcr_420(img):\n    r, g, b = (img * 255).unbind(1)\n    y = 0.299 * r + 0.587 * g + 0.114 * b\n"
+     "    c = torch.stack([0.564 * (b - y) + 128, 0.713 * (r - y) + 128], 1)\n    return y, c[..., ::2, ::2]",
+     "Hint: the mean of each 2 x 2 block (not every other pixel)"),
+    ("nb04-ex6-ycbcr-420", "centres chroma on kornia's 127.5 instead of libjpeg's 128",
+     "import torch, torch.nn.functional as F\ndef ycbcr_420(img):\n    r, g, b = (img * 255).unbind(1)\n"
+     "    y = 0.299 * r + 0.587 * g + 0.114 * b\n"
+     "    c = torch.stack([0.564 * (b - y) + 127.5, 0.713 * (r - y) + 127.5], 1)\n    return y, F.avg_pool2d(c, 2)",
+     "chroma is 0.5 below libjpeg's: its offset is 128 levels, not kornia's 127.5"),
+    ("nb06-ex6-project", "scales to the floor's RMS first and clips second",
+     "def project(delta, eps, psnr_floor):\n    rms, rms_max = float(delta.pow(2).mean().sqrt()), 10 ** (-psnr_floor / 20)\n"
+     "    d = delta * (rms_max / rms) if rms > rms_max else delta.clone()\n    return d.clamp(-eps, eps)",
+     "then take the RMS of the clipped delta, and scale only when it is above 10^(-floor/20)"),
+    ("nb06-ex6-project", "clips in place (`delta.clamp_`)",
+     "def project(delta, eps, psnr_floor):\n    d = delta.clamp_(-eps, eps)\n"
+     "    rms, rms_max = float(d.pow(2).mean().sqrt()), 10 ** (-psnr_floor / 20)\n"
+     "    return d * (rms_max / rms) if rms > rms_max else d",
+     "`project` changed its argument; work on a copy (`delta.clamp(...)` makes one)"),
+    ("nb06-ex7-draw-kind", "picks the CG even when there is none",
+     "def draw_kind(r, C, has_cg=True):\n    if not C.diversity or r < C.p_none:\n        return 'none'\n"
+     "    if r < C.p_none + C.p_real:\n        return 'real'\n    return 'cg' if r < C.p_none + C.p_real + C.p_cg else 'diff'",
+     "the CG only when there is one; nothing at all when diversity is off"),
+    ("nb06-ex7-draw-kind", "tests `r <= p_none`",
+     "def draw_kind(r, C, has_cg=True):\n    if not C.diversity or r <= C.p_none:\n        return 'none'\n"
+     "    if r < C.p_none + C.p_real:\n        return 'real'\n"
+     "    return 'cg' if r < C.p_none + C.p_real + C.p_cg and has_cg else 'diff'",
+     "r equal to p_none is already past 'none': the test is r < p_none"),
+    ("nb08-ex6-feathered-patch", "leaves the colour axis first (3 x side x side)",
+     "import numpy as np\nfrom toap_kit import protect\ndef feathered_patch(pert, side):\n"
+     "    return (pert.resized(side, side).numpy() * protect.feather_mask(side)[None]).astype(np.float32)",
+     "Hint: `.permute(1, 2, 0)` puts colour last"),
+    ("nb08-ex6-feathered-patch", "forgets the feathered mask",
+     "import numpy as np\ndef feathered_patch(pert, side):\n"
+     "    return pert.resized(side, side).permute(1, 2, 0).numpy().astype(np.float32)",
+     "Hint: resize the whole delta to side x side, then multiply every colour"),
+)
+"""Common wrong answers of the lab's exercises: what the student did, a function that does just
+that, and words of the message the exercise's check cell then gives (a test runs each)."""
 
 LEVEL_KEYS = (
     ("query | engine-known-backbone | refine-mid | jpeg:75", "engine-known-backbone", "each face refined (`toap protect --refine`)"),
@@ -150,17 +224,24 @@ def _fmt_s(s: float) -> str:
 
 def lecture_block(times: dict | None, notebooks: Path = NOTEBOOKS) -> str:
     lines = ["| minute | chapter | cell (id) | shows | cell time | chapter up to it |", "|---|---|---|---|---|---|"]
+    minutes = [m for m, *_ in LECTURE]
+    if minutes != sorted(minutes) or minutes[-1] >= LECTURE_MIN:
+        raise ValueError(f"LECTURE's minutes must rise and end before minute {LECTURE_MIN}: {minutes}")
+    prep: dict[str, float] = {}
     for minute, prefix, cid, what in LECTURE:
         path = _chapter(prefix, notebooks)
-        ids = [c.get("id") for c in json.loads(path.read_text())["cells"]]
+        cells = json.loads(path.read_text())["cells"]
+        ids = [c.get("id") for c in cells]
         if cid not in ids:
             raise ValueError(f"the lecture's cell {cid!r} is no longer in {path.name}: update LECTURE")
         index = ids.index(cid)
         ch = (times or {}).get("chapters", {}).get(path.stem)
         cell = next((c for c in (ch or {}).get("cells", []) if c.get("id") == cid), None)
-        if ch and cell:
+        markdown = cells[index]["cell_type"] == "markdown"
+        if ch and (cell or markdown):
             before = sum(c["seconds"] for c in ch["cells"] if c["index"] < index)
-            took, upto = _fmt_s(cell["seconds"]), _fmt_s(before)
+            took, upto = ("markdown, not run" if markdown else _fmt_s(cell["seconds"])), _fmt_s(before)
+            prep[path.stem] = max(prep.get(path.stem, 0.0), before)
         else:
             took = upto = "not measured"
         lines.append(f"| {minute} | {path.stem[:2]} | {index} (`{cid}`) | {what} | {took} | {upto} |")
@@ -169,36 +250,110 @@ def lecture_block(times: dict | None, notebooks: Path = NOTEBOOKS) -> str:
         cores = times.get("machine", {}).get("cores", "?")
         lines += ["", f"Times: `book/times.json` ({'/'.join(sorted(mode))} size, {cores} CPU cores, "
                   f"{times.get('date', '?')[:10]}). *Chapter up to it*: the chapter's cells above the live one, to run "
-                  "before the lecture."]
+                  f"before the lecture: {_fmt_s(sum(prep.values()))} in all, each chapter up to its last live cell "
+                  f"(the longest: {max(prep, key=prep.get)[:2]}, {_fmt_s(max(prep.values()))})."]
     else:
         lines += ["", "Times: not measured yet (`book/times.json` is written by `make book`; then run "
                   "`python docs/teaching_numbers.py --update`)."]
     return _wrap("lecture", "\n".join(lines))
 
 
-def lab_block(exs: list[dict]) -> str:
-    lines = ["| order | chapter | exercise (grade id) | task | part |", "|---|---|---|---|---|"]
-    taken = {c: 0 for c in LAB_CHAPTERS}
+def lab_split(exs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(lab, homework)``: the first N checked exercises of each of ``LAB``'s chapters, in its
+    order, and the rest in reading order."""
+    want = dict(LAB)
+    taken = {c: 0 for c in want}
     lab, rest = [], []
     for ex in exs:
         prefix = ex["chapter"][:2]
-        if prefix in taken and taken[prefix] < LAB_PER_CHAPTER:
+        if prefix in taken and taken[prefix] < want[prefix]:
             taken[prefix] += 1
             lab.append(ex)
         else:
             rest.append(ex)
-    lab.sort(key=lambda e: LAB_CHAPTERS.index(e["chapter"][:2]))
+    order = [c for c, _ in LAB]
+    lab.sort(key=lambda e: order.index(e["chapter"][:2]))
+    return lab, rest
+
+
+def lab_block(exs: list[dict]) -> str:
+    lines = ["| order | chapter | exercise (grade id) | task | part |", "|---|---|---|---|---|"]
+    lab, rest = lab_split(exs)
     for n, ex in enumerate(lab + rest, 1):
         part = "lab" if n <= len(lab) else "homework"
         lines.append(f"| {n} | {ex['chapter'][:2]} | `{ex['grade_id']}` | {ex['title']} | {part} |")
     by_chapter = {}
     for ex in exs:
         by_chapter[ex["chapter"][:2]] = by_chapter.get(ex["chapter"][:2], 0) + 1
-    short = [c for c in LAB_CHAPTERS if by_chapter.get(c, 0) < LAB_PER_CHAPTER]
+    short = [c for c, n in LAB if by_chapter.get(c, 0) < n]
+    chapters = len({e["chapter"] for e in lab})
+    (start, s_min), (each, e_min), (review, r_min), (close, c_min) = LAB_PLAN
+    plan = [(start, s_min), (f"{len(lab)} exercises, about {e_min} min each, {each}", len(lab) * e_min),
+            (f"{chapters} class reviews, about {r_min} min each, {review}", chapters * r_min), (close, c_min)]
+    total = sum(m for _, m in plan)
+    if total > LAB_MIN:
+        raise ValueError(f"the lab's plan takes {total} min, over its {LAB_MIN}: take fewer exercises (LAB)")
     lines += ["", f"{len(exs)} checked exercises in {len(by_chapter)} chapters (one point each); the lab takes "
-              f"{len(lab)} of them." + (f" Chapters {', '.join(short)} have fewer than {LAB_PER_CHAPTER} so far."
-                                        if short else "")]
+              f"{len(lab)} of them." + (f" Chapters {', '.join(short)} have fewer than LAB asks so far." if short else ""),
+              "", "| the lab's time | minutes |", "|---|---|"]
+    lines += [f"| {what} | {m} |" for what, m in plan] + [f"| **total** (the lab's {LAB_MIN}) | {total} |"]
     return _wrap("lab", "\n".join(lines))
+
+
+def _check_cells(notebooks: Path = NOTEBOOKS) -> dict[str, str]:
+    """Each exercise's check cell source, by the exercise's grade id."""
+    out = {}
+    for path in sorted(notebooks.glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        for i, cell in enumerate(cells):
+            meta = cell.get("metadata", {}).get("nbgrader", {})
+            if meta.get("solution") and not meta.get("grade") and i + 1 < len(cells):
+                out[meta["grade_id"]] = "".join(cells[i + 1]["source"])
+    return out
+
+
+def wrong_block(notebooks: Path = NOTEBOOKS) -> str:
+    """The common wrong answers (``WRONG_ANSWERS``), each with the words its check gives; a
+    quoted message not in its check cell is refused (the test also runs each answer)."""
+    checks = _check_cells(notebooks)
+    lines = ["| exercise | the wrong answer | the check says (its words) |", "|---|---|---|"]
+    for gid, what, _code, said in WRONG_ANSWERS:
+        if said not in checks.get(gid, ""):
+            raise ValueError(f"{gid}'s check cell no longer says {said!r}: update WRONG_ANSWERS")
+        if "|" in said:
+            raise ValueError(f"{said!r}: a | would split the table's row")
+        lines.append(f"| `{gid}` | {what} | \"...{said}\" |")
+    stub = "is not solved yet: replace `raise NotImplementedError()`"
+    lines += ["", f"Any exercise left as handed out: \"exercise `NAME` {stub} ...\"; an answer that raises: "
+              "\"`NAME(ARGUMENTS)` raised ERROR: ...\", naming the call (`toap_kit.exercises.solved`)."]
+    return _wrap("wrong", "\n".join(lines))
+
+
+def grading_block(times: dict | None, exs: list[dict]) -> str:
+    """What grading one student's submission costs: every chapter with a checked exercise runs
+    whole (``book/times.json``'s full-size times), and for a class of ``CLASS_SIZE``."""
+    per = {}
+    for ex in exs:
+        per[ex["chapter"]] = per.get(ex["chapter"], 0) + 1
+    chapters = (times or {}).get("chapters", {})
+    lines = ["| chapter | checked exercises | full size, the whole chapter |", "|---|---|---|"]
+    measured, missing = 0.0, []
+    for stem, n in per.items():
+        ch = chapters.get(stem)
+        if ch and ch.get("mode") == "full":
+            measured += ch["seconds"]
+            lines.append(f"| {stem[:2]} | {n} | {_fmt_s(ch['seconds'])} |")
+        else:
+            missing.append(stem[:2])
+            lines.append(f"| {stem[:2]} | {n} | not measured |")
+    cores = (times or {}).get("machine", {}).get("cores", "?")
+    when = (times or {}).get("date", "?")[:10]
+    lines += [f"| **one student** | {sum(per.values())} | {_fmt_s(measured)} |", "",
+              f"Full-size times: `book/times.json` ({cores} CPU cores, {when})"
+              + (f"; {'chapters' if len(missing) > 1 else 'chapter'} {', '.join(missing)} "
+                 f"{'are' if len(missing) > 1 else 'is'} not in it yet" if missing else "")
+              + f". A class of {CLASS_SIZE} at full size: {measured * CLASS_SIZE / 3600:.1f} h of one such machine."]
+    return _wrap("grading", "\n".join(lines))
 
 
 def _rows(result: dict, **match) -> list[dict]:
@@ -305,8 +460,9 @@ def demo_block(result: dict) -> str:
 def render(result: dict | None = None, times: dict | None = None, notebooks: Path = NOTEBOOKS) -> dict[str, str]:
     """Every block of the guide (``BLOCKS``), rendered from the sources."""
     result = load_result() if result is None else result
-    return {"levels": levels_block(result), "lecture": lecture_block(times, notebooks),
-            "lab": lab_block(exercises(notebooks)), "demo": demo_block(result)}
+    exs = exercises(notebooks)
+    return {"levels": levels_block(result), "lecture": lecture_block(times, notebooks), "lab": lab_block(exs),
+            "wrong": wrong_block(notebooks), "grading": grading_block(times, exs), "demo": demo_block(result)}
 
 
 # ---------------------------------------------------------------- checking and updating the guide
@@ -388,7 +544,9 @@ def numbers(result: dict | None = None, times: dict | None = None) -> str:
         lines.append("# chapter times (book/times.json)")
         lines += [f"{stem} | {ch['mode']} | {_fmt_s(ch['seconds'])}" for stem, ch in times["chapters"].items()]
         lines.append("")
-    lines += ["# the checked exercises (the notebooks' nbgrader metadata)", blocks["lab"]]
+    lines += ["# the checked exercises (the notebooks' nbgrader metadata)", blocks["lab"], "",
+              "# common wrong answers and their checks' words (WRONG_ANSWERS, the check cells)", blocks["wrong"], "",
+              "# grading cost (book/times.json)", blocks["grading"]]
     return "\n".join(lines) + "\n"
 
 

@@ -342,6 +342,8 @@ def test_each_page_shows_its_source_hash_and_render_date():
     its notebook's source hash and the date it was executed (``book/times.json``)."""
     record = _record()
     for p in _chapters():
+        if not (BOOK / f"{p.stem}.html").is_file():
+            continue  # test_the_book_has_every_chapter says so
         page = (BOOK / f"{p.stem}.html").read_text()
         stamp = re.search(rf'<body[^>]*><p class="{book.STAMP_CLASS}"[^>]*>(.*?)</p>', page, re.S)
         assert stamp, f"book/{p.stem}.html has no visible stamp: python docs/build_book.py --refresh"
@@ -364,6 +366,8 @@ def test_the_index_shows_each_chapters_goals_in_full():
     assert "..." not in index
     flat = "".join(index.split())  # markup splits words from punctuation: compare without spaces
     for p in _chapters():
+        if not (BOOK / f"{p.stem}.html").is_file():
+            continue  # not rendered yet: test_the_book_has_every_chapter says so
         first = next(c for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown").source
         goals = next((b for b in re.split(r"\n\s*\n", first) if b.startswith("**Goals")), None)
         assert goals, f"{p.name} states no **Goals.**"

@@ -226,3 +226,113 @@ def test_method_md_and_algorithm_1_state_toapconfigs_term_weights():
     for sym, name in (("w_m", "w_margin"), ("w_f", "w_feature"), ("w_c", "w_consistency")):
         m = re.search(rf"\${sym} = ([\d.]+)\$", line9)
         assert m and float(m.group(1)) == getattr(cfg, name), f"Algorithm 1 line 9 states {sym} as {m and m.group(1)}"
+
+
+# ---------------------------------------------------------------- issue 31, item 5: the guide
+def _check_cell(grade_id: str) -> str:
+    checks = tn._check_cells()
+    assert grade_id in checks, f"no exercise {grade_id!r} in the notebooks: update WRONG_ANSWERS"
+    return checks[grade_id]
+
+
+@pytest.mark.parametrize("grade_id, what, code, said", tn.WRONG_ANSWERS, ids=[f"{g}: {w}" for g, w, _, _ in tn.WRONG_ANSWERS])
+def test_each_common_wrong_answer_gets_the_words_the_guide_quotes(grade_id, what, code, said):
+    """The guide's table of wrong answers is real: a function that makes exactly that mistake,
+    run through the exercise's check cell, fails with the words the guide quotes."""
+    namespace: dict = {}
+    exec(compile(code, f"<wrong answer: {what}>", "exec"), namespace)
+    with pytest.raises(AssertionError) as failed:
+        exec(compile(_check_cell(grade_id), f"<{grade_id}-check>", "exec"), namespace)
+    assert said in str(failed.value), f"the check said: {failed.value}"
+    assert tn.markers("wrong")[0] in _guide() and f'"...{said}"' in _block(_guide(), "wrong")
+
+
+def test_an_unsolved_exercise_gets_the_words_the_guide_quotes():
+    from toap_kit.exercises import solved
+
+    def project(delta, eps, psnr_floor):
+        raise NotImplementedError()
+
+    with pytest.raises(AssertionError) as failed:
+        solved(project, None, 0.0, 0.0)
+    quoted = re.search(r'"exercise `NAME` (.+?) \.\.\."', _block(_guide(), "wrong")).group(1)
+    assert quoted in str(failed.value).replace("`project`", "`NAME`"), failed.value
+
+
+def test_no_check_cell_depends_on_the_notebooks_sizes():
+    """The guide grades with TOAP_FAST=1 because a check gives the same points at both sizes:
+    every check cell builds its own inputs and reads neither TOAP_FAST nor the notebook's sizes."""
+    checks = tn._check_cells()
+    assert len(checks) == len(tn.exercises())
+    reading = {g: re.findall(r"TOAP_FAST|\bcfg\b|\bsetup\(|\bfast\b", src) for g, src in checks.items()}
+    assert not {g: r for g, r in reading.items() if r}, reading
+
+
+def test_the_lab_fits_its_two_hours():
+    lab, _ = tn.lab_split(tn.exercises())
+    assert len(lab) == sum(n for _, n in tn.LAB) == 8
+    block = _block(_guide(), "lab")
+    total = int(re.search(r"\| \*\*total\*\* \(the lab's (\d+)\) \| (\d+) \|", block).group(2))
+    assert total <= tn.LAB_MIN == 120
+    assert total == tn.LAB_PLAN[0][1] + 8 * tn.LAB_PLAN[1][1] + len({e["chapter"] for e in lab}) * tn.LAB_PLAN[2][1] \
+        + tn.LAB_PLAN[3][1]
+
+
+def test_a_lab_over_its_two_hours_is_refused(monkeypatch):
+    monkeypatch.setattr(tn, "LAB", (("01", 2), ("02", 2), ("04", 2), ("06", 2), ("08", 2)))
+    with pytest.raises(ValueError, match="over its 120"):
+        tn.lab_block(tn.exercises())
+
+
+def test_the_lecture_gives_toap_its_time_and_needs_no_long_preparation():
+    """Algorithm 1 and 05's slider have their slots; TOAP (06) gets 8 minutes or more, and no live
+    cell needs more than 3 minutes of its chapter run before it (book/times.json; 06's once
+    needed 8.5, behind the chapter's ablation)."""
+    times = tn.load_times()
+    if times is None:
+        pytest.skip("book/times.json is missing: make book")
+    ids = [cid for _, _, cid, _ in tn.LECTURE]
+    assert "nb06-algo" in ids and "nb05-slider" in ids
+    minutes = [m for m, *_ in tn.LECTURE] + [tn.LECTURE_MIN]
+    toap_minutes = sum(minutes[i + 1] - minutes[i] for i, (_, p, _, _) in enumerate(tn.LECTURE) if p == "06")
+    assert toap_minutes >= 8, toap_minutes
+    for _, prefix, cid, _ in tn.LECTURE:
+        path = tn._chapter(prefix)
+        index = [c.get("id") for c in json.loads(path.read_text())["cells"]].index(cid)
+        ch = times["chapters"].get(path.stem)
+        if ch:
+            before = sum(c["seconds"] for c in ch["cells"] if c["index"] < index)
+            assert before <= 180, f"{path.stem} cell {cid} needs {before / 60:.1f} min of its chapter run first"
+
+
+def test_the_grading_cost_is_book_times_json():
+    """One student's submission costs the full-size times of the chapters with checked exercises
+    (book/times.json), as the guide states."""
+    times = tn.load_times()
+    if times is None:
+        pytest.skip("book/times.json is missing: make book")
+    chapters = {e["chapter"] for e in tn.exercises()}
+    total = sum(ch["seconds"] for stem, ch in times["chapters"].items() if stem in chapters and ch["mode"] == "full")
+    block = _block(_guide(), "grading")
+    assert f"| **one student** | {len(tn.exercises())} | {tn._fmt_s(total)} |" in block
+    assert f"A class of {tn.CLASS_SIZE} at full size: {total * tn.CLASS_SIZE / 3600:.1f} h" in block
+
+
+def test_the_demo_recording_runs_the_scripts_steps_offline(tmp_path):
+    """The fallback for a slow or missing demo server: docs/record_demo.py runs the script's
+    universal steps through demo.protect_and_search and writes an offline page of them."""
+    spec = importlib.util.spec_from_file_location("record_demo", ROOT / "docs" / "record_demo.py")
+    rec = importlib.util.module_from_spec(spec)
+    sys.modules["record_demo"] = rec  # its dataclass looks its module up
+    spec.loader.exec_module(rec)
+    plan = tn.demo_plan(SHIPPED)
+    paths = rec.record(tmp_path, refine=False, result=SHIPPED)
+    assert [p.name for p in paths] == ["step-1.png", "step-2.png"]
+    index = (tmp_path / "index.html").read_text()
+    assert "http" not in index and all(f'src="{p.name}"' in index for p in paths)
+    assert index.count(plan["engine"]) >= 2 and plan["success"].replace("_", " ") in index
+    assert plan["failure"].replace("_", " ") in index
+    from PIL import Image
+
+    with Image.open(paths[0]) as im:
+        assert im.width > 900 and im.height > 600
