@@ -1,10 +1,12 @@
 """Protection against networks it never ran (issue 29): engines on every real network, the
 ensemble refinement, the leave-one-network-out tiers and the matrix's smoke run."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from toap_kit import data, networks, recognizers, refine, toap, zoo
+from toap_kit import cli, data, networks, recognizer, recognizers, refine, toap, zoo
 from toap_kit.perturbation import Perturbation
 from toap_kit.recognizers import weights
 
@@ -60,8 +62,8 @@ def test_against_is_checked():
 
 def test_chip_moved_between_frames_is_the_target_box():
     a, b = (0.0945, 0.1583, 0.9188, 0.9826), (0.035, -0.011, 0.965, 0.919)
-    moved = refine._in_chip_of(refine.box_theta(a, 2), a, b)
-    torch.testing.assert_close(moved, refine.box_theta(b, 2), atol=1e-6, rtol=0)
+    moved = recognizer.chip_in_frame(recognizer.box_theta(a, 2), a, b)
+    torch.testing.assert_close(moved, recognizer.box_theta(b, 2), atol=1e-6, rtol=0)
 
 
 @NEEDS_WEIGHTS
@@ -126,7 +128,15 @@ def test_fast_matrix_has_every_cell_with_its_tier(tmp_path):
 
 
 @NEEDS_WEIGHTS
-def test_protect_files_refines_against_the_chosen_networks(tmp_path):
+def cli_json(capsys, argv: list[str]) -> dict:
+    import json
+
+    code = cli.main(argv)
+    assert code in (0, 3), capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_protect_files_refines_against_the_chosen_networks(tmp_path, capsys):
     from toap_kit import batch, odd_inputs, protect
 
     src = tmp_path / "in"
@@ -135,6 +145,13 @@ def test_protect_files_refines_against_the_chosen_networks(tmp_path):
     p = protect.load_perturbation()
     rows = batch.protect_files([src], tmp_path / "out", p, refine_steps=1, against=("mobileface",), progress=False)
     assert rows[0]["status"] == "protected" and rows[0]["settings"]["against"] == ["mobileface"]
+    # toap verify reads the networks from the manifest: MobileFace's engines are known, faceres' held out
+    assert cli._protection_for(Path(rows[0]["output"])) == ("toap-mid", ["mobileface"])
+    out = cli_json(capsys, ["verify", str(src / "me.png"), rows[0]["output"], "--json",
+                            "--engines", "mobileface_itq_32", "faceres_itq_32"])
+    assert out["refined_against"] == ["mobileface"]
+    assert {r["engine"]: r["tier"] for r in out["rows"]} == {"mobileface_itq_32": "engine-known-backbone",
+                                                            "faceres_itq_32": "engine-blackbox"}
     plain = batch.protect_files([src], tmp_path / "plain", p, progress=False)
     assert "against" not in plain[0]["settings"]  # no refinement: no networks recorded
     with pytest.raises(protect.ProtectError, match="against must name"):

@@ -53,11 +53,11 @@ from .config import device as default_device
 from .data import DATA_DIR, check_pixels, load_faceset, make_protocol
 from .hashing import ITQ
 from .perturbation import Perturbation, feather_mask
-from .recognizer import CHIP_SIZE
+from .recognizer import box_theta, chip_in_frame, landmark_thetas
 from .toap import own_descriptor
 
 __all__ = ["Adam", "DEFAULT_STEPS", "STRENGTHS", "WORK_SIDE", "KnownRecognizer", "RefineConfig", "fit_universal",
-           "box_theta", "config_for", "known_recognizer", "landmark_thetas", "refine_deltas", "refine_faces",
+           "check_against", "config_for", "known_recognizer", "refine_deltas", "refine_faces",
            "strength_config"]
 
 log = logging.getLogger(__name__)
@@ -145,45 +145,6 @@ def strength_config(strength: str = "mid", steps: int | None = None, seed: int =
 
 
 # ------------------------------------------------------------------ chips
-def landmark_thetas(faces: torch.Tensor, size: int = CHIP_SIZE, padding: float = 0.25) -> torch.Tensor:
-    """Where dlib's pipeline cuts its face chip in each face crop, as ``N x 2 x 3`` affine
-    matrices for ``F.affine_grid(..., align_corners=False)``.
-
-    dlib finds 5 landmarks (inside the kit's face box ``teacher.FACE_BOX`` of the crop), then
-    ``get_face_chip_details`` gives a rectangle and an angle: the chip is that rectangle,
-    rotated about its centre, sampled at ``size x size``. Sampling the crop through these
-    matrices (zeros outside, as dlib) reproduces ``dlib.get_face_chip`` to about half a grey
-    level, and is differentiable. ``faces``: ``N x 3 x H x W`` in [0, 1].
-    """
-    import dlib
-
-    faces = check_pixels(faces, "faces", ndim=(4,))
-    predictor, (bx0, by0, bx1, by1) = teacher.shape_predictor(), teacher.FACE_BOX
-    arr = (faces.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    out = []
-    for a in arr:
-        h, w = a.shape[:2]
-        shape = predictor(np.ascontiguousarray(a), dlib.rectangle(int(bx0 * w), int(by0 * h), int(bx1 * w) - 1, int(by1 * h) - 1))
-        d = dlib.get_face_chip_details(shape, size, padding)
-        r, cos, sin = d.rect, math.cos(d.angle), math.sin(d.angle)
-        rot = np.array([[cos, -sin], [sin, cos]])
-        c = np.array([(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2])
-        ex = rot @ np.array([r.right() - r.left(), 0.0]) / (size - 1)  # one chip column, in crop pixels
-        ey = rot @ np.array([0.0, r.bottom() - r.top()]) / (size - 1)
-        # chip pixel (u, v) in [-1, 1] (align_corners=False) -> crop pixel c + u*size/2*ex + v*size/2*ey
-        m = np.stack([ex * size / 2, ey * size / 2, c + 0.5], 1) * (2 / np.array([[w], [h]]))
-        m[:, 2] -= 1
-        out.append(m)
-    return torch.tensor(np.array(out), dtype=torch.float32).reshape(-1, 2, 3)
-
-
-def box_theta(box, n: int) -> torch.Tensor:
-    """``N x 2 x 3`` matrices of the fixed chip ``box = (x0, y0, x1, y1)`` (fractions of the
-    side), the geometry of ``recognizer.face_chip`` (the kit's engines)."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return torch.tensor([[x1 - x0, 0.0, x0 + x1 - 1], [0.0, y1 - y0, y0 + y1 - 1]]).expand(n, 2, 3).clone()
-
-
 def _jitter(theta: torch.Tensor, cfg: RefineConfig, gen: torch.Generator) -> torch.Tensor:
     """``theta`` after a random small similarity in chip coordinates (a crawler's re-crop)."""
     n = len(theta)
@@ -278,16 +239,6 @@ def check_against(against: Sequence[str]) -> tuple[str, ...]:
     return against
 
 
-def _in_chip_of(theta: torch.Tensor, box_from, box_to) -> torch.Tensor:
-    """Chips ``theta`` cut in the frame of the fixed chip ``box_from``, moved to where
-    ``box_to`` sits relative to it: ``theta o B_from^-1 o B_to`` (each network's chip from
-    dlib's landmark-aligned one)."""
-    b_from, b_to = box_theta(box_from, 1)[0].double(), box_theta(box_to, 1)[0].double()
-    rel = torch.linalg.solve(b_from[:, :2], torch.cat([b_to[:, :2], (b_to[:, 2] - b_from[:, 2])[:, None]], 1))
-    t = theta.double()
-    return torch.cat([t[:, :, :2] @ rel[:, :2], t[:, :, :2] @ rel[:, 2:] + t[:, :, 2:]], 2).float()
-
-
 @lru_cache(maxsize=4)
 def _known_on(dev: torch.device, against: tuple[str, ...]) -> KnownRecognizer:
     return KnownRecognizer(dev, against)
@@ -320,7 +271,7 @@ def _references(rec: KnownRecognizer, faces: torch.Tensor, labels: torch.Tensor 
     thetas = {}
     for net in rec.against:
         thetas[net, False] = box_theta(rec.boxes[net], n).to(dev)
-        thetas[net, True] = landmarks if net == "dlib" else _in_chip_of(landmarks, dlib_box, rec.boxes[net])
+        thetas[net, True] = landmarks if net == "dlib" else chip_in_frame(landmarks, dlib_box, rec.boxes[net])
     e0 = {k: torch.cat([rec.embed(faces[i:i + batch].to(dev), t[i:i + batch], k[1], k[0]) for i in range(0, n, batch)])
           for k, t in thetas.items()}
     b0, scale = {}, 1.0

@@ -129,7 +129,8 @@ def load(name: str, folder: Path = ZOO_DIR) -> HashNet | RecognizerHash:
     tensors = load_checked(folder / f"{name}.safetensors", c["sha256"])
     if network:
         _check_network(name, network, c["network"])
-        model = RecognizerHash(c["bits"], c["chip_box"], c["input_size"], net=recognizers.load(network).net)
+        model = RecognizerHash(c["bits"], c["chip_box"], c["input_size"], net=recognizers.load(network).net,
+                               aligned=c.get("aligned", False))
         model.center.copy_(tensors["center"])
         model.projection.copy_(tensors["projection"])
         return model.eval()
@@ -170,7 +171,8 @@ def save(model: HashNet | RecognizerHash, info: dict, name: str, folder: Path = 
     ``RecognizerHash`` only its hash layer (``info`` names the network)."""
     c = {"name": name, "backbone": model.backbone_name, "bits": model.bits, "input_size": model.input_size}
     if isinstance(model, RecognizerHash):
-        return save_with_card(model.head(), {**c, "chip_box": list(model.chip_box), **info}, folder, name)[0]
+        return save_with_card(model.head(), {**c, "chip_box": list(model.chip_box), "aligned": model.aligned, **info},
+                              folder, name)[0]
     return save_with_card(model.state_dict(), {**c, "width": model.width, **info}, folder, name)[0]
 
 
@@ -318,14 +320,16 @@ def fit_recognizer(spec: ModelSpec, seed: int = 0, progress: bool = True) -> tup
         box, how = teacher.Recognizer().chip_boxes(train, progress).mean(0).round(4), f"mean over {len(train)} training faces"
     else:
         box, how = recognizers.SPECS[network].chip_box, "the network's own (recognizers.SPECS, chosen on training people)"
-    model = RecognizerHash(spec.bits, box, spec.input_size, net=recognizers.load(network).net)
+    aligned = recognizers.SPECS[network].landmarks
+    model = RecognizerHash(spec.bits, box, spec.input_size, net=recognizers.load(network).net, aligned=aligned)
     fit_on = torch.cat([train, distractors.images])
     with torch.no_grad():
         desc = torch.cat([model.embed(fit_on[i:i + 128]) for i in
                           tqdm(range(0, len(fit_on), 128), desc=f"{network} descriptors", disable=not progress)])
     model.fit_itq(desc, seed=seed)
     info = {"role": spec.role, "objective": spec.objective, "seed": seed, "network": network_info(network),
-            "training_data": {"protocol": "open-set, seed 0", "chip_box": how,
+            "training_data": {"protocol": "open-set, seed 0",
+                              "chip_box": how + (", carried to dlib's 5 landmarks of each face" if aligned else ""),
                               "itq_fitted_on": f"{len(train)} training faces + {len(distractors)} distractors"},
             "clean_map_all": {k: round(clean_map(model, s), 4) for k, s in protocol_sets(spec.input_size).items()}}
     return model, info

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import check_pixels
-from ..recognizer import face_chip, load_dlib_resnet
+from ..recognizer import DLIB_CHIP_BOX, aligned_chips, face_chip, load_dlib_resnet
 from .tfjs import TfjsGraph
 from .weights import model_files
 
@@ -49,6 +49,7 @@ class NetworkSpec:
     bgr: bool = False                         # channels in BGR order
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # subtracted from 0..255 values, in the graph's order
     cosine: bool = False                      # compared by cosine (descriptors unit-normalised first)
+    landmarks: bool = False                   # the chip follows dlib's 5 landmarks (``recognizer.aligned_chips``)
     distance_scale: float = 1.0               # median distance of two training faces of different people
 
 
@@ -63,12 +64,13 @@ def descriptor_distance(spec: NetworkSpec, a: torch.Tensor, b: torch.Tensor) -> 
 
 
 # dlib: the chip box of the kit's dlib engines (their cards; a mean over the training faces of
-# where dlib's landmark alignment puts the chip); the others' chips and every distance_scale:
-# measured on training people, see ``python -m toap_kit.recognizers bench`` (a test checks them).
+# where dlib's landmark alignment puts the chip); the others' chips (box, and whether it follows
+# the landmarks) and every distance_scale: measured on training people, see
+# ``python -m toap_kit.recognizers bench`` (a test checks them).
 SPECS = {
-    "dlib": NetworkSpec("dlib", 128, 150, (0.0945, 0.1583, 0.9188, 0.9826), distance_scale=0.822),
+    "dlib": NetworkSpec("dlib", 128, 150, DLIB_CHIP_BOX, distance_scale=0.822),
     "mobileface": NetworkSpec("mobileface", 256, 112, (0.035, -0.011, 0.965, 0.919), "batchnorm0/add_1",
-                              cosine=True, distance_scale=1.401),
+                              cosine=True, landmarks=True, distance_scale=1.401),
     "faceres": NetworkSpec("faceres", 1024, 224, (0.0, 0.0, 1.0, 1.0), "global_pooling/Mean", bgr=True,
                            mean=(103.939, 116.779, 123.68), cosine=True, distance_scale=1.119),
 }
@@ -110,8 +112,12 @@ class Recognizer(nn.Module):
         self.eval()
 
     def chips(self, faces: torch.Tensor) -> torch.Tensor:
-        """``N x 3 x input_size x input_size`` chips in [0, 1] cut from ``N x 3 x H x W`` crops."""
-        return face_chip(check_pixels(faces, "faces", ndim=(4,)), self.chip_box, self.input_size)
+        """``N x 3 x input_size x input_size`` chips in [0, 1] cut from ``N x 3 x H x W`` crops:
+        the fixed ``chip_box``, or, for a network with ``spec.landmarks``, that box carried to
+        where dlib's 5 landmarks put each face."""
+        faces = check_pixels(faces, "faces", ndim=(4,))
+        cut = aligned_chips if self.spec.landmarks else face_chip
+        return cut(faces, self.chip_box, self.input_size)
 
     def embed(self, faces: torch.Tensor) -> torch.Tensor:
         """``N x dim`` descriptors of ``N x 3 x H x W`` kit face crops in [0, 1]."""

@@ -61,16 +61,25 @@ def distance_scale(name: str, e: np.ndarray, labels: np.ndarray, pairs: int = 20
     return round(float(np.median(np.linalg.norm(e[i[other]] - e[j[other]], axis=1))), 3)
 
 
+LANDMARK_CHIP = "dlib's 5 landmarks, aligned"
+"""The candidate chip cut where dlib's landmark alignment puts each face (``recognizer.aligned_chips``),
+carried into the network's frame (its chip box relative to dlib's), instead of one fixed box."""
+
+
 def choose_chip(name: str, faces, train: np.ndarray, n_people: int = 30, seed: int = 0) -> dict[str, float]:
     """mAP@all (cosine, each face a query against the others) of ``name`` on ``n_people``
-    training people under every candidate chip of ``CHIPS``: the choice never sees a victim."""
+    training people under every candidate chip of ``CHIPS`` and ``LANDMARK_CHIP``: the choice
+    never sees a victim."""
     labels = faces.labels.numpy()
     people = np.random.default_rng(seed).choice(np.unique(labels[train]), n_people, replace=False)
     sel = train[np.isin(labels[train], people)]
     net, lab = load(name), labels[sel]
     out = {}
-    for chip, box in CHIPS.items():
-        e = _embed(Recognizer(replace(net.spec, chip_box=box), net.net), faces.images[sel], f"{name} {chip}")
+    embeddings = {chip: _embed(Recognizer(replace(net.spec, chip_box=box), net.net), faces.images[sel], f"{name} {chip}")
+                  for chip, box in CHIPS.items()}
+    embeddings[LANDMARK_CHIP] = _embed(Recognizer(replace(net.spec, landmarks=True), net.net), faces.images[sel],
+                                       f"{name} {LANDMARK_CHIP}")
+    for chip, e in embeddings.items():
         e = e / np.linalg.norm(e, axis=1, keepdims=True)
         d = -e @ e.T
         aps = [mean_average_precision(d[i:i + 1, np.arange(len(e)) != i], lab[i:i + 1], lab[np.arange(len(e)) != i])
@@ -92,7 +101,7 @@ def bench(names: tuple[str, ...] = NAMES) -> dict:
     for name in names:
         t0 = time.perf_counter()
         net = load(name)
-        f = cache / f"{name}-{'-'.join(f'{v:g}' for v in net.chip_box)}.npz"
+        f = cache / f"{name}-{'-'.join(f'{v:g}' for v in net.chip_box)}{'-landmarks' if net.spec.landmarks else ''}.npz"
         if f.exists():
             with np.load(f) as z:
                 e, d = z["faces"], z["distractors"]
@@ -101,6 +110,7 @@ def bench(names: tuple[str, ...] = NAMES) -> dict:
             np.savez(f, faces=e, distractors=d)
         q, db = e[proto.queries], np.concatenate([e[proto.database_faces], d])
         row = {"name": name, "dim": net.dim, "input_size": net.input_size, "chip_box": list(net.chip_box),
+               "landmarks": net.spec.landmarks,
                "float_map_all": round(_cos_map(q, db, q_lab, db_lab), 4)}
         row["distance_scale"] = distance_scale(name, e[proto.train], faces.labels[proto.train].numpy())
         fit_on = np.concatenate([e[proto.train], d])  # as the dlib engines: training faces + distractors
