@@ -290,7 +290,7 @@ def test_resume_is_keyed_by_the_target_inside_the_output_folder(pert, tmp_path, 
     for out in ("moved", "copied"):
         rows = batch.protect_files([Path("in")], Path(out), pert, progress=False)
         assert all(r["resumed"] for r in rows), out
-    assert cli._perturbation_for(tmp_path / "copied" / "p1.jpg") == "toap-mid"  # toap verify finds the row
+    assert cli._protection_for(tmp_path / "copied" / "p1.jpg") == ("toap-mid", [])  # toap verify finds the row
     # a manifest written before: outputs recorded as typed (absolute here); still resumed
     manifest = tmp_path / "copied" / batch.MANIFEST
     manifest.write_text("".join(json.dumps({**r, "target": str(tmp_path / "out" / r["target"])}) + "\n"

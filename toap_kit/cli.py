@@ -256,15 +256,16 @@ def _cmd_protect(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _perturbation_for(path: Path) -> str | None:
-    """The perturbation named in a ``toap protect`` manifest for the file ``path``, or None: the
+def _protection_for(path: Path) -> tuple[str | None, list[str]]:
+    """The perturbation named in a ``toap protect`` manifest for the file ``path`` and the
+    networks its faces were refined against (``[]``: not refined), or ``(None, [])``: the
     finished row whose output sha256 is the file's, in the manifests of its folder and up to three
     folders above (by content, so a moved output folder or a renamed copy is found too; an
     unreadable or damaged manifest is passed over)."""
     try:
         sha = sha256_file(path)
     except OSError:
-        return None
+        return None, []
     folder = path.resolve().parent
     for d in [folder, *list(folder.parents)[:3]]:
         try:
@@ -273,8 +274,10 @@ def _perturbation_for(path: Path) -> str | None:
             continue
         for row in rows:
             if row.get("output_sha256") == sha and isinstance(row.get("perturbation"), str):
-                return row["perturbation"]
-    return None
+                settings = row.get("settings") if isinstance(row.get("settings"), dict) else {}
+                refined = settings.get("refine_steps") and settings.get("against", ["dlib"])
+                return row["perturbation"], [n for n in refined or [] if isinstance(n, str)]
+    return None, []
 
 
 def _open(path: Path):
@@ -293,8 +296,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             uploaded = postprocess.apply(protect._upright(uploaded, []).convert("RGB"), args.simulate)
         except ValueError as e:
             raise protect.ProtectError(f"--simulate {args.simulate}: {e}") from None
-    name = args.perturbation or (protect.STRENGTHS[args.mode] if args.mode else _perturbation_for(args.uploaded))
-    rows = verify.verify(original, uploaded, engines=args.engines, perturbation=name)
+    name, against = args.perturbation or (protect.STRENGTHS[args.mode] if args.mode else None), []
+    if name is None:
+        name, against = _protection_for(args.uploaded)
+    rows = verify.verify(original, uploaded, engines=args.engines, perturbation=name, refined_against=against)
     verdict = verify.verdict(rows)
     first = rows[0] if rows else {}
     check = {"same_photo": first.get("same_photo"), "similarity": first.get("photo_similarity"),
@@ -302,7 +307,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     code = 3 if check["same_photo"] is False else 0
     if args.json:
         print(json.dumps({"original": str(args.original), "uploaded": str(args.uploaded), "simulate": args.simulate,
-                          "perturbation": name, "photo_check": check, "rows": rows, "verdict": verdict}, indent=1))
+                          "perturbation": name, "refined_against": against, "photo_check": check, "rows": rows, "verdict": verdict}, indent=1))
         return code
 
     def face(key: str) -> str:
@@ -311,7 +316,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(f"original: {args.original} ({face('face_found_original')})")
     print(f"uploaded: {args.uploaded}{f' after --simulate {args.simulate}' if args.simulate else ''} "
           f"({face('face_found_uploaded')})")
-    print(f"perturbation: {name or 'unknown (pass -m or --perturbation for the threat tiers)'}")
+    refined = f", each face refined against {' + '.join(against)}" if against else ""
+    print(f"perturbation: {name or 'unknown (pass -m or --perturbation for the threat tiers)'}{refined}")
     if rows:
         print(f"photo check: {'the same photo' if check['same_photo'] else 'NOT the same photo'} (similarity "
               f"{check['similarity']:.4f}, {'>=' if check['same_photo'] else '<'} {verify.SAME_PHOTO_MIN})")

@@ -16,6 +16,8 @@ network itself), so the check compares the photos' geometry, which protection ke
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import cv2
 import numpy as np
 import torch
@@ -140,7 +142,8 @@ def _surrogates(perturbation: str | Perturbation | None) -> list[str] | None:
 
 
 def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | None = None,
-           perturbation: str | Perturbation | None = None, *, k: int = 10) -> list[dict]:
+           perturbation: str | Perturbation | None = None, *, k: int = 10,
+           refined_against: Sequence[str] = ()) -> list[dict]:
     """Does a face search engine still find the person of ``original`` from ``uploaded``?
 
     The face of each photo is detected and cropped as the kit's engines do (``face_crop``:
@@ -167,6 +170,8 @@ def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | No
         perturbation: name/path or ``Perturbation`` the photo was protected with, for each
             engine's threat tier (``toap.threat_tier`` on its card's surrogates); None: "unknown".
         k: the top-k size.
+        refined_against: the networks each face was refined against (``toap protect --refine
+            --against``; the manifest's settings), added to the perturbation's surrogates.
 
     Returns:
         One row per engine: ``engine, role, tier, bits, hamming, found_top10_query,
@@ -178,7 +183,7 @@ def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | No
     Raises:
         ProtectError: unknown engine or perturbation, or a photo under 16 px a side.
     """
-    from .toap import threat_tier  # imported here: toap pulls in the training stack
+    from .toap import own_descriptor, threat_tier  # imported here: toap pulls in the training stack
 
     models = zoo.names()
     names = list(engines) if engines else models
@@ -186,6 +191,8 @@ def verify(original: Image.Image, uploaded: Image.Image, engines: list[str] | No
     if unknown:
         raise ProtectError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(models)}")
     surrogates = _surrogates(perturbation)
+    if surrogates is not None:
+        surrogates += [own_descriptor(n) for n in refined_against]
     upright = []
     for what, im in (("original", original), ("uploaded", uploaded)):
         im = _upright(im, [])
