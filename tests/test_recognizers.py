@@ -185,14 +185,19 @@ def test_the_card_names_the_package_its_licence_and_every_file():
 
 
 def test_the_readme_states_the_recognizers_bench():
-    from toap_kit.recognizers.__main__ import CHIPS, RESULTS, table
+    from toap_kit.recognizers.__main__ import CHIPS, LANDMARK_CHIP, RESULTS, table
 
     r = json.loads(RESULTS.read_text())
     readme = (RESULTS.parents[1] / "README.md").read_text()
     assert table(r) in readme, "README's recognizers table differs from results/recognizers.json"
     rows = {row["name"]: row for row in r["rows"]}
     assert set(rows) == set(recognizers.NAMES)
-    for name, row in rows.items():  # the JSON's chips are the ones the package uses
-        assert tuple(row["chip_box"]) == recognizers.SPECS[name].chip_box
+    for name, row in rows.items():  # the JSON's chips and distance scales are the ones the package uses
+        spec = recognizers.SPECS[name]
+        assert tuple(row["chip_box"]) == spec.chip_box and row["landmarks"] == spec.landmarks
+        assert row["distance_scale"] == spec.distance_scale
         if "chip_choice" in row:  # the package reads the chip that scored best on training people
-            assert CHIPS[max(row["chip_choice"], key=row["chip_choice"].get)] == recognizers.SPECS[name].chip_box
+            choice = row["chip_choice"]
+            fixed = {c: v for c, v in choice.items() if c != LANDMARK_CHIP}
+            assert CHIPS[max(fixed, key=fixed.get)] == spec.chip_box
+            assert spec.landmarks == (choice[LANDMARK_CHIP] > max(fixed.values()))

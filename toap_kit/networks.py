@@ -35,8 +35,8 @@ from . import data, perturbation, refine, results, toap, zoo
 from .config import OUTPUT_DIR
 from .recognizers import NAMES
 
-__all__ = ["AGAINST", "ENGINES", "ENSEMBLE_PREFIX", "N_QUERIES", "POSTS", "RESULT", "held_out", "matrix", "query_subset", "run",
-           "summary"]
+__all__ = ["AGAINST", "ENGINES", "ENSEMBLE_PREFIX", "N_QUERIES", "POSTS", "README_BEGIN", "README_END", "RESULT",
+           "TARGETS", "matrix", "query_subset", "readme_block", "run", "summary", "targets", "update_readme"]
 
 log = logging.getLogger(__name__)
 RESULT = results.RESULTS_DIR / "networks.json"
@@ -61,11 +61,6 @@ def query_subset(sets: data.RetrievalSets, n: int) -> data.RetrievalSets:
     idx = torch.from_numpy(np.linspace(0, len(sets.query_images) - 1, n).round().astype(np.int64))
     return data.RetrievalSets(sets.query_images[idx], sets.query_labels[idx], sets.db_images, sets.db_labels,
                               sets.db_source)
-
-
-def held_out(against: Sequence[str]) -> list[str]:
-    """The networks a protection made against ``against`` never used."""
-    return [n for n in NAMES if n not in against]
 
 
 def run(fast: bool | None = None, cache: Path | None = None, progress: bool = True) -> dict:
@@ -154,6 +149,70 @@ def summary(result: dict, posts: Sequence[str] = ("jpeg:75", "facebook", "resize
     return out
 
 
+TARGETS = {"refine": (("jpeg:75", "facebook"), 0.80), "refine-resize": (("resize:0.5",), 0.65),
+           "universal": (("jpeg:75", "facebook"), 0.50), "known": (("jpeg:75", "facebook"), 0.95)}
+"""Issue 29's targets, on the worst engine of the 64-bit ones: a refinement against two networks
+removes >= 80% on the network it never used after JPEG q75 and after Facebook (>= 65% after a
+resize by 0.5), a universal delta against two >= 50%, and a refinement keeps >= 95% on a network
+it used."""
+
+
+def targets(result: dict, bits: int = 64) -> list[dict]:
+    """Each protection against two networks (refined, universal) x target (``TARGETS``): the
+    worst retrieval removed on a ``bits``-bit engine whose network it never used (or, for
+    ``known``, one it used), after each post of the target, the PSNR, and whether it is met."""
+    out = []
+    for p in dict.fromkeys(r["perturbation"] for r in result["rows"]):
+        rs = [r for r in result["rows"] if r["perturbation"] == p and zoo.card(r["victim"])["bits"] == bits]
+        if not rs or len(toap.surrogate_networks(rs[0]["surrogates"])) != 2:
+            continue
+        kind = "refine" if p.startswith("refine[") else "universal"
+        for target in ((kind, "refine-resize", "known") if kind == "refine" else (kind,)):
+            posts, goal = TARGETS[target]
+            held = target != "known"
+            got = [r["rel_drop"] for r in rs if r["post"] in posts and r["held_out"] == held]
+            if got:
+                out.append({"protection": p, "target": target, "posts": list(posts), "worst": round(min(got), 4),
+                            "goal": goal, "met": min(got) >= goal, "psnr": round(rs[0]["psnr"], 1)})
+    return out
+
+
+README_BEGIN = "<!-- networks: begin (generated from results/networks.json by toap_kit.networks.update_readme) -->"
+README_END = "<!-- networks: end -->"
+
+
+def readme_block(result: dict) -> str:
+    """The README's leave-one-network-out block: the matrices and the targets (markdown)."""
+    bits = max({zoo.card(r["victim"])["bits"] for r in result["rows"]} & {32, 64})
+    lines = [README_BEGIN, "",
+             f"{result['queries']} queries of people no model saw, against a database of {result['database']} "
+             f"faces; query setting; each cell the retrieval removed (relative drop of tie-aware mAP@all) on the "
+             f"{bits}-bit engine of each network; *held out*: the protection never used that network. Refinements: "
+             f"mid strength (eps 8/255, PSNR >= 35.5 dB), {result['refine_steps']} steps from zero.", ""]
+    for post in ("jpeg:75", "facebook", "resize:0.5"):
+        if any(r["post"] == post for r in result["rows"]):
+            lines += [matrix(result, post, bits), ""]
+    lines += ["| protection | target | worst engine, after | removed | goal | met |", "|---|---|---|---|---|---|"]
+    for t in targets(result, bits):
+        where = "held-out network" if t["target"] != "known" else "known network"
+        lines.append(f"| {t['protection']} (PSNR {t['psnr']}) | {t['target']} | {where}, {' / '.join(t['posts'])} | "
+                     f"{t['worst']:.1%} | >= {t['goal']:.0%} | {'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines + ["", README_END])
+
+
+def update_readme(result: dict, path: Path = results.RESULTS_DIR.parent / "README.md") -> bool:
+    """Replace the README's block (``README_BEGIN`` ... ``README_END``) with ``readme_block``
+    (atomically); False when the README has no such block."""
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(head + readme_block(result) + rest.split(README_END, 1)[1])
+    tmp.replace(path)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m toap_kit.networks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = RESULT.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(r, indent=1) + "\n")
         tmp.replace(RESULT)
+        update_readme(r)
     print(f"{r['queries']} queries of people no model saw, database {r['database']} faces; "
           f"relative mAP@all drop; refine {r['refine_steps']} steps, s/face {r['refine_seconds_per_face']}")
     for post in sorted({x["post"] for x in r["rows"]}, key=POSTS.index):

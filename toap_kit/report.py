@@ -371,7 +371,9 @@ def _summary(c: Claims) -> str:
            f"{photos['universal'][1]} with the universal pattern (a pair *leaves the top 10* when the engine's top 10 "
            f"is expected, tie-aware, to hold fewer than {GONE_BELOW:g} of the person's photos"
            f"{_gone_example(c.result)})." if len(photos) == 2 else ""),
-        f"- **{L[eb]}** ({W[eb]}; the kit's stand-in for an engine on a network the protector cannot run): "
+        f"- **{L[eb]}**, the older stand-in ({W[eb]}; protections made on the small CNNs, judged on dlib's "
+        "engines; the CNNs learned from dlib's network, so this is not yet a network nobody ran: for engines on "
+        "independent networks see *Protection against a network it never used*): "
         f"{c.drop('toap-mid-cnn', 'jpeg:75', eb)} with TOAP made on small CNNs (`toap-mid-cnn`), against "
         f"{c.drop('uap-mid-cnn', 'jpeg:75', eb)} for a plain universal perturbation and "
         f"{c.drop('pgd-cnn', 'jpeg:75', eb)} for per-image PGD on the same CNNs.",

@@ -129,7 +129,8 @@ def bench(names: tuple[str, ...] = NAMES) -> dict:
 def table(r: dict) -> str:
     """The bench's table (markdown), as the README shows it."""
     lines = ["| recognizer | descriptor | chip | float (cosine) | ITQ 32 bits | ITQ 64 bits |", "|---|---|---|---|---|---|"]
-    lines += [f"| {row['name']} | {row['dim']}-D | {row['input_size']} px | {row['float_map_all']:.3f} | "
+    lines += [f"| {row['name']} | {row['dim']}-D | {row['input_size']} px{', landmark-aligned' if row.get('landmarks') else ''} | "
+              f"{row['float_map_all']:.3f} | "
               f"{row['itq32_map_all']:.3f} | {row['itq64_map_all']:.3f} |" for row in r["rows"]]
     return "\n".join(lines)
 
