@@ -105,11 +105,15 @@ def test_examples_are_evaluation_people_with_other_photos_in_the_database(engine
 def test_the_intro_states_the_measured_per_photo_result():
     s = demo.measured_sentence()  # from results/toap.json's per-photo table (make results)
     assert s.startswith("Measured on the") and DEFAULT_ENGINE in s and "per-photo refinement" in s
+    # and what networks the protection never used keep (results/networks.json, issue 29)
+    assert "never used" in s and "--against" in s
 
 
 def test_engine_labels_name_the_threat_tier():
     assert demo.engine_label("dlib_itq_32") == (
-        "dlib_itq_32 — engine-known-backbone (protector used dlib's network, not this engine's hash layer)")
+        "dlib_itq_32 — engine-known-backbone (protector used this engine's network, not its hash layer)")
+    assert demo.engine_label("faceres_itq_64", refine=True) == (
+        "faceres_itq_64 — engine-blackbox (never seen, nor its network)")  # a network nobody ran
     assert demo.engine_label("vgg_dpsh_32").startswith("vgg_dpsh_32 — cnn-teacher-known")  # toap-mid is dlib-first
     assert demo.engine_label("dlib_itq_64", "mid", refine=True).startswith("dlib_itq_64 — engine-known-backbone")
     assert demo.upload_spec("JPEG", 62.4) == "jpeg:62" and demo.upload_spec("none") == "none"

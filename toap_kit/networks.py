@@ -36,7 +36,7 @@ from .config import OUTPUT_DIR
 from .recognizers import NAMES
 
 __all__ = ["AGAINST", "ENGINES", "ENSEMBLE_PREFIX", "N_QUERIES", "POSTS", "README_BEGIN", "README_END", "RESULT",
-           "TARGETS", "matrix", "query_subset", "readme_block", "run", "summary", "targets", "update_readme"]
+           "TARGETS", "held_out_sentence", "matrix", "query_subset", "readme_block", "run", "summary", "targets", "update_readme"]
 
 log = logging.getLogger(__name__)
 RESULT = results.RESULTS_DIR / "networks.json"
@@ -175,6 +175,25 @@ def targets(result: dict, bits: int = 64) -> list[dict]:
                 out.append({"protection": p, "target": target, "posts": list(posts), "worst": round(min(got), 4),
                             "goal": goal, "met": min(got) >= goal, "psnr": round(rs[0]["psnr"], 1)})
     return out
+
+
+def held_out_sentence(result: dict, post: str = "jpeg:75", bits: int = 64) -> str:
+    """What a network the protection never used keeps, in one sentence (the demo's intro): the
+    refinement against dlib alone, and the best pair's worst held-out engine, after ``post``."""
+    rows = [r for r in result["rows"] if r["post"] == post and r["held_out"] and zoo.card(r["victim"])["bits"] == bits]
+    if not rows:
+        return ""
+    alone = [r["rel_drop"] for r in rows if r["perturbation"] == name(("dlib",))]
+    pairs = {r["perturbation"]: min(x["rel_drop"] for x in rows if x["perturbation"] == r["perturbation"])
+             for r in rows if r["perturbation"].startswith("refine[") and "+" in r["perturbation"]}
+    words = [f"on engines built on networks it never used, a photo refined against dlib's network alone loses "
+             f"{min(alone):.0%}-{max(alone):.0%} of its retrieval after {post}"] if alone else []
+    if pairs:
+        best = max(pairs, key=pairs.get)
+        nets = best[len("refine["):-1].replace("+", ",")
+        words.append(f"refined against two networks (`--against {nets}`), at least {pairs[best]:.0%} on the third")
+    return ("Measured (`python -m toap_kit.networks`, " + str(result["queries"]) + " faces): " + "; ".join(words) + "."
+            if words else "")
 
 
 README_BEGIN = "<!-- networks: begin (generated from results/networks.json by toap_kit.networks.update_readme) -->"

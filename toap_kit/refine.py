@@ -1,10 +1,14 @@
-"""Protection against a known recognizer: per-photo refinement, and the dlib-first universal delta.
+"""Protection against real recognizers: per-photo refinement, and universal deltas made the same way.
 
 The universal perturbations of ``toap`` are made once for everybody (milliseconds a photo).
-When the protector knows the recognizer a crawler runs (here: dlib's face network, the
-backbone of the kit's two real engines; threat tier ``engine-known-backbone``), it can do far
+When the protector knows the recognizer a crawler runs (by default dlib's face network, the
+backbone of the ``dlib_itq_*`` engines; threat tier ``engine-known-backbone``), it can do far
 better by optimising against it directly, the idea of LowKey (Cherepanova et al., ICLR 2021)
-and Fawkes (Shan et al., USENIX Security 2020) [kit: their idea, this objective]:
+and Fawkes (Shan et al., USENIX Security 2020) [kit: their idea, this objective]. LowKey's
+answer to a crawler whose network nobody knows is an ensemble: ``against=("dlib", "faceres")``
+optimises against several real networks at once (``recognizers.NAMES``), each seeing its own
+chip, their distances averaged in dlib's units; ``networks`` measures what a network left out
+keeps (tier ``engine-blackbox``):
 
 - ``refine_faces``: one delta *per face*, a few seconds a face on a laptop;
 - ``fit_universal``: one delta for everybody with the same objective (the shipped ``toap-low/
