@@ -266,8 +266,10 @@ class RecognizerHash(CodesMixin, nn.Module):
 
     ``forward(x)`` gives ``N x bits`` pre-sign outputs ``(net(chip(x)) - center) @ projection``;
     ``encode`` their signs. ``center`` and ``projection`` are fitted by ``fit_itq``.
-    ``backbone_name``: ``dlib_resnet`` for dlib's network, else the network's name.
+    ``backbone_name``: ``dlib_resnet`` for dlib's network (the class's), else the network's name.
     """
+
+    backbone_name = "dlib_resnet"
 
     def __init__(self, bits: int, chip_box: Sequence[float], input_size: int = 112, net: nn.Module | None = None,
                  aligned: bool = False):
@@ -279,7 +281,8 @@ class RecognizerHash(CodesMixin, nn.Module):
             raise ValueError(f"bits must be in 1..{dim} (the descriptor has {dim} dimensions), got {bits}")
         self.bits, self.input_size, self.chip_box = bits, input_size, tuple(float(v) for v in chip_box)
         self.network = self.net.name
-        self.backbone_name = "dlib_resnet" if self.network == "dlib" else self.network
+        if self.network != "dlib":
+            self.backbone_name = self.network
         self.register_buffer("center", torch.zeros(dim))
         self.register_buffer("projection", torch.zeros(dim, bits))
 
