@@ -62,8 +62,9 @@ bench: install  ## the README's benchmark tables (at least 87 min on 2 CPU cores
 	$(BIN)/python -m toap_kit.bench protect
 	$(BIN)/python -m toap_kit.bench scale
 
-results: install  ## TOAP's results table and figures into results/ (see README; about an hour on 2 CPU cores)
+results: install  ## TOAP's results and the leave-one-network-out matrix into results/ (see README; hours on 2 CPU cores)
 	$(BIN)/python -m toap_kit.bench toap
+	$(BIN)/python -m toap_kit.networks
 
 clean:
 	rm -rf outputs .pytest_cache student

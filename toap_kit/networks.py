@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import data, perturbation, refine, results, toap, zoo
+from . import data, engine, perturbation, refine, results, toap, zoo
 from .config import OUTPUT_DIR
 from .recognizers import NAMES
 
@@ -98,7 +98,9 @@ def run(fast: bool | None = None, cache: Path | None = None, progress: bool = Tr
         protections[n] = (p.card["method"], p.apply, p, list(p.card["surrogates"]))
     for against in against_sets:
         protections[name(against)] = ("refine", refiner(against), None, [toap.own_descriptor(n) for n in against])
-    rows = results.grid(protections, engines, sets, FAST["posts"] if fast else POSTS, (), (), eps)
+    # the full run searches the shipped database: its codes are shipped (engine.db_codes), not encoded again
+    db = None if fast else {n: torch.from_numpy(engine.db_codes(n)).float() for n in engines}
+    rows = results.grid(protections, engines, sets, FAST["posts"] if fast else POSTS, (), (), eps, db_codes=db)
     for r in rows:
         r["held_out"] = toap.engine_network(r["victim"]) not in toap.surrogate_networks(r["surrogates"])
     return {"fast": fast, "protocol": proto.describe(), "queries": len(sets.query_images),

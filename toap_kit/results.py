@@ -385,15 +385,21 @@ def reuse_rows(previous: dict, protections: dict[str, tuple], victims: Sequence[
 def grid(protections: dict[str, tuple[str, Callable, Perturbation | None, list[str]]], victims: dict[str, nn.Module],
           sets: data.RetrievalSets, posts: Sequence[str], db_posts: Sequence[str], whitebox_posts: Sequence[str],
           eps: float, journal: Path | None = None, baseline_id: str = "",
-          baseline_ids: dict[str, str] | None = None) -> list[dict]:
+          baseline_ids: dict[str, str] | None = None, db_codes: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Every protection x setting x post x victim; each protected set is post-processed once and
     shared by all victims' evaluators. With ``journal`` (a JSON-lines file) every measured
     protection x setting x post x victim is appended to it, and a rerun (with these victims or
     others) reads those back instead of measuring them again: the key holds a sha256 of the
     perturbation's delta (for a protection without one: ``baseline_ids[name]``, else
-    ``baseline_id``), the victim's sha256 and the sets' sizes, so a changed input is measured anew."""
+    ``baseline_id``), the victim's sha256 and the sets' sizes, so a changed input is measured anew.
+    ``db_codes``: victims' codes of ``sets.db_images`` already known (``engine.db_codes`` when the
+    database is the shipped one), used instead of encoding it again."""
     rows = []
     evaluators = {vn: evaluate.Evaluator(m, sets) for vn, m in victims.items()}
+    for vn, codes in (db_codes or {}).items():
+        if codes.shape[0] != len(sets.db_images):
+            raise ValueError(f"{vn}: {codes.shape[0]} database codes for {len(sets.db_images)} database faces")
+        evaluators[vn]._cache[("db",)] = codes
     own = sets.db_source >= 0
     done = _journal_read(journal)
     sizes = [len(sets.query_images), len(sets.db_images)]
