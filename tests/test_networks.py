@@ -80,7 +80,7 @@ def test_landmark_chips_of_each_network_sit_near_its_fixed_chip(faces):
 @NEEDS_WEIGHTS
 def test_ensemble_refinement_moves_every_network_it_is_made_against(faces):
     against = ("mobileface", "faceres")
-    cfg = refine.RefineConfig(steps=12, seed=0)
+    cfg = refine.RefineConfig(steps=40, seed=0)
     protected = refine.refine_faces(faces, config=cfg, against=against)
     noise = (faces + (protected - faces).flatten(1)[:, torch.randperm(faces[0].numel(),
                                                                         generator=torch.Generator().manual_seed(0))]
@@ -156,3 +156,17 @@ def test_protect_files_refines_against_the_chosen_networks(tmp_path, capsys):
     assert "against" not in plain[0]["settings"]  # no refinement: no networks recorded
     with pytest.raises(protect.ProtectError, match="against must name"):
         batch.protect_files([src], tmp_path / "bad", p, refine_steps=1, against=("arcface",), progress=False)
+
+
+def test_the_readme_states_the_shipped_matrix():
+    """The README's leave-one-network-out block is ``networks.readme_block`` of the shipped
+    results/networks.json (``python -m toap_kit.networks`` rewrites both)."""
+    import json
+
+    r = json.loads(networks.RESULT.read_text())
+    assert not r["fast"] and r["queries"] == networks.N_QUERIES
+    readme = (networks.RESULT.parents[1] / "README.md").read_text()
+    assert networks.readme_block(r) in readme, "run `python -m toap_kit.networks` (or update_readme) again"
+    held = [row for row in r["rows"] if row["held_out"]]
+    assert held and all(row["tier"] == "engine-blackbox" for row in held)
+    assert {row["victim"] for row in r["rows"]} == set(networks.ENGINES)

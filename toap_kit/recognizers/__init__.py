@@ -70,7 +70,7 @@ def descriptor_distance(spec: NetworkSpec, a: torch.Tensor, b: torch.Tensor) -> 
 SPECS = {
     "dlib": NetworkSpec("dlib", 128, 150, DLIB_CHIP_BOX, distance_scale=0.822),
     "mobileface": NetworkSpec("mobileface", 256, 112, (0.035, -0.011, 0.965, 0.919), "batchnorm0/add_1",
-                              cosine=True, landmarks=True, distance_scale=1.401),
+                              cosine=True, landmarks=True, distance_scale=1.397),
     "faceres": NetworkSpec("faceres", 1024, 224, (0.0, 0.0, 1.0, 1.0), "global_pooling/Mean", bgr=True,
                            mean=(103.939, 116.779, 123.68), cosine=True, distance_scale=1.119),
 }

@@ -75,7 +75,8 @@ def choose_chip(name: str, faces, train: np.ndarray, n_people: int = 30, seed: i
     sel = train[np.isin(labels[train], people)]
     net, lab = load(name), labels[sel]
     out = {}
-    embeddings = {chip: _embed(Recognizer(replace(net.spec, chip_box=box), net.net), faces.images[sel], f"{name} {chip}")
+    embeddings = {chip: _embed(Recognizer(replace(net.spec, chip_box=box, landmarks=False), net.net), faces.images[sel],
+                               f"{name} {chip}")
                   for chip, box in CHIPS.items()}
     embeddings[LANDMARK_CHIP] = _embed(Recognizer(replace(net.spec, landmarks=True), net.net), faces.images[sel],
                                        f"{name} {LANDMARK_CHIP}")
