@@ -27,8 +27,10 @@ Which module does what (one room per concept):
                   to imitate the real codecs; its fidelity benchmark and removal fine-tuning.
 - ``toap``        TOAP itself: robust objectives, post-processing draws, meta-learning over
                   surrogates, alternation with the CG; threat tiers.
-- ``refine``      protection against a known recognizer (dlib's network): per-photo refinement
+- ``refine``      protection against known recognizers (dlib's network, or any set): per-photo refinement
                   (``refine_faces``, ``toap protect --refine``) and the dlib-first universal ladder.
+- ``networks``    leave-one-network-out: protections made against some real networks, judged on
+                  engines on all three (``python -m toap_kit.networks``, ``results/networks.json``).
 - ``protect``     protect one photo (every face, full resolution, metadata stripped, format kept).
 - ``batch``       protect files and folders: resumable, atomic, one writer at a time, the manifest.
 - ``cli``         the ``toap`` command (``protect``, ``verify``, ``crawl``, ``search``): arguments, output,
@@ -64,7 +66,7 @@ import importlib
 # Rooms and names are imported when first used (PEP 562): ``import toap_kit`` stays light, so the
 # ``toap`` command starts without matplotlib, kornia or the training stack it does not need.
 _MODULES = ("attacks", "batch", "cg", "config", "crawl", "crowd", "data", "diffproc", "engine", "evaluate",
-            "exercises", "hashing", "index", "models", "odd_inputs", "perturbation", "plots", "postprocess",
+            "exercises", "hashing", "index", "models", "networks", "odd_inputs", "perturbation", "plots", "postprocess",
             "protect", "recognizer", "recognizers", "refine", "report", "results", "retrieval", "store", "teacher",
             "toap", "verify", "zoo")
 _NAMES = {
