@@ -547,14 +547,7 @@ def readme_block(r: dict) -> str:
 def update_readme(r: dict, path: Path = results.RESULTS_DIR.parent / "README.md") -> bool:
     """Replace the README's block (``README_BEGIN`` ... ``README_END``) with ``readme_block(r)``
     (atomically); False when the README has no such block."""
-    text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_BEGIN, 1)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(head + readme_block(r) + rest.split(README_END, 1)[1])
-    tmp.replace(path)
-    return True
+    return results.replace_block(path, README_BEGIN, README_END, readme_block(r))
 
 
 def _print_scale(r: dict) -> None:

@@ -226,14 +226,7 @@ def readme_block(result: dict) -> str:
 def update_readme(result: dict, path: Path = results.RESULTS_DIR.parent / "README.md") -> bool:
     """Replace the README's block (``README_BEGIN`` ... ``README_END``) with ``readme_block``
     (atomically); False when the README has no such block."""
-    text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_BEGIN, 1)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(head + readme_block(result) + rest.split(README_END, 1)[1])
-    tmp.replace(path)
-    return True
+    return results.replace_block(path, README_BEGIN, README_END, readme_block(result))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     r = run(fast=args.fast or None)
     if not r["fast"]:
-        tmp = RESULT.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(r, indent=1) + "\n")
-        tmp.replace(RESULT)
+        results._atomic(RESULT, json.dumps(r, indent=1) + "\n")
         update_readme(r)
     print(f"{r['queries']} queries of people no model saw, database {r['database']} faces; "
           f"relative mAP@all drop; refine {r['refine_steps']} steps, s/face {r['refine_seconds_per_face']}")

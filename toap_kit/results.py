@@ -48,7 +48,7 @@ from .config import OUTPUT_DIR
 from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
-__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS", "grid", "load_victims",
+__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS", "grid", "load_victims", "replace_block",
            "Purified", "annotate_cards", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
            "refined", "reuse_rows", "run", "tradeoff", "write"]
 
@@ -698,6 +698,17 @@ def _atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def replace_block(path: Path, begin: str, end: str, block: str) -> bool:
+    """Replace the text from marker ``begin`` through marker ``end`` in ``path`` with ``block``
+    (which carries both markers), atomically; False when the file lacks either marker."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _atomic(path, head + block + rest.split(end, 1)[1])
+    return True
 
 
 def write(result: dict, folder: Path = RESULTS_DIR) -> list[Path]:
