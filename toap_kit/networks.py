@@ -43,7 +43,7 @@ RESULT = results.RESULTS_DIR / "networks.json"
 AGAINST = (("dlib",), ("mobileface", "faceres"), ("dlib", "faceres"))
 """The refinements: dlib's alone (``toap protect --refine``; faceres and MobileFace held out) and
 the pairs that leave out dlib and MobileFace. The third pair, dlib + MobileFace (faceres held
-out), is not in the shipped run: on 2 shared CPU cores each pair took 30-50 s a face, and the
+out), is not in the shipped run: on 2 shared CPU cores each pair took 49-79 s a face, and the
 issue's own measurement found a weak second network adds nothing on faceres."""
 ENGINES = tuple(f"{n}_itq_{b}" for n in NAMES for b in (32, 64))
 POSTS = ("none", "jpeg:75", "facebook", "resize:0.5")
