@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from toap_kit import batch, cli, config, postprocess, protect, recognizer, refine, toap, zoo
+from toap_kit import batch, cli, config, postprocess, protect, recognizer, recognizers, refine, toap, zoo
 from toap_kit.data import DATA_DIR, load_faceset, make_protocol
 from toap_kit.perturbation import feather_mask
 from toap_kit.recognizer import RecognizerHash
@@ -286,8 +286,8 @@ def test_refine_loads_dlibs_network_only_once_a_face_needs_it(tmp_path, monkeypa
     """Issue 28 item 11: a photo without a face costs no network load (it took 20 s); a folder
     loads it once, on its first face."""
     loads = []
-    real = refine.load_dlib_resnet
-    monkeypatch.setattr(refine, "load_dlib_resnet", lambda: loads.append(1) or real())
+    real = recognizers.load
+    monkeypatch.setattr(recognizers, "load", lambda name: loads.append(name) or real(name))
     refine._known_on.cache_clear()  # loaded by an earlier test of this process: load afresh
     src = tmp_path / "in"
     src.mkdir()
@@ -300,7 +300,7 @@ def test_refine_loads_dlibs_network_only_once_a_face_needs_it(tmp_path, monkeypa
         Image.open(PHOTO).save(src / name)
     assert cli.main(["protect", str(src), "-o", str(tmp_path / "out2"), *args]) == 0
     assert "2 protected (2 faces)" in capsys.readouterr().out
-    assert loads == [1], "loaded once for the folder"
+    assert loads == ["dlib"], "loaded once for the folder"
 
 
 def test_the_own_layer_is_fitted_once_and_then_read_back(tmp_path, monkeypatch):
@@ -384,7 +384,7 @@ def test_the_demo_refines_a_group_photo(rec, monkeypatch):
     from toap_kit import demo
 
     monkeypatch.setattr(refine, "DEFAULT_STEPS", 1)  # the demo's steps, read at call time: kept cheap
-    monkeypatch.setattr(refine, "known_recognizer", lambda device=None: rec)
+    monkeypatch.setattr(refine, "known_recognizer", lambda device=None, against=("dlib",): rec)
     photo = _group(*GROUPS[3])
     res = demo.protect_and_search(_StubEngine(), photo, "mid", "vgg_csq_64", "none", refine=True)
     assert res.refined and len(res.faces) == 3 and res.notes[0].startswith("3 faces found: all protected")
