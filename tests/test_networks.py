@@ -112,7 +112,28 @@ def test_fast_matrix_has_every_cell_with_its_tier(tmp_path):
     r = networks.run(fast=True, cache=tmp_path, progress=False)
     f = networks.FAST
     universal = ["toap-mid"] + [n for n in Perturbation.shipped() if n.startswith(networks.ENSEMBLE_PREFIX)]
-    assert len(r["rows"]) == (1 + len(universal) + len(f["against"])) * len(f["engines"]) * len(f["posts"])
+    n_engines = len(f["engines"])
+    query = [row for row in r["rows"] if row["setting"] == "query"]
+    assert len(query) == (1 + len(universal) + len(f["against"])) * n_engines * len(f["posts"])
+    database = [row for row in r["rows"] if row["setting"] == "database"]  # the universal deltas only
+    assert len(database) == (1 + len(universal)) * n_engines * len(f["db_posts"])
+    assert not any(row["perturbation"].startswith("refine[") for row in database)
+    assert set(r["seconds"]) == {"setup", *networks.PARTS}
+    # the per-photo table: every photo x (universal, each refinement) x engine, tiers by the networks used
+    photos = {row["photo"] for row in r["per_photo"]}
+    assert len(photos) == f["photos"]
+    assert len(r["per_photo"]) == len(photos) * (1 + len(f["against"])) * n_engines
+    for row in r["per_photo"]:
+        nets = row.get("against", ["dlib"] if row["way"] == "universal" else None)
+        assert row["tier"] == ("engine-known-backbone" if toap.engine_network(row["engine"]) in nets else "engine-blackbox")
+        assert 0 <= row["hits_after"] <= 10 and 0 <= row["hits_before"] <= 10
+    table = networks.photo_table(r)
+    assert all(networks.name(a) in table for a in f["against"]) and f"/{len(photos)} out" in table
+    # the limits: only held-out engines, each purifier
+    assert {(row["perturbation"], row["victim"]) for row in r["limits"]} == {
+        (networks.name(a), e) for a in f["against"] for e in f["engines"] if toap.engine_network(e) not in a}
+    assert {row["engine"] for row in r["limits"]} == {f"purifies with {s}" for s in f["purifiers"]}
+    assert "purifies with" in networks.limits_table(r)
     for row in r["rows"]:
         net = toap.engine_network(row["victim"])
         assert row["held_out"] == (net not in toap.surrogate_networks(row["surrogates"]))
@@ -123,11 +144,13 @@ def test_fast_matrix_has_every_cell_with_its_tier(tmp_path):
     table = networks.matrix(r, "jpeg:75")
     assert all(e in table for e in f["engines"]) and "held out" in table and "known" in table
     assert set(networks.summary(r)) == {row["perturbation"] for row in r["rows"]}
-    again = networks.run(fast=True, cache=tmp_path, progress=False)  # the refinements are read back
+    again = networks.run(fast=True, cache=tmp_path, progress=False, parts=("matrix",))  # refinements read back
     assert [x["map_after"] for x in again["rows"]] == [x["map_after"] for x in r["rows"]]
+    assert "per_photo" not in again and "limits" not in again
+    with pytest.raises(ValueError, match="parts must be"):
+        networks.run(fast=True, parts=("matrix", "nonsense"))
 
 
-@NEEDS_WEIGHTS
 def cli_json(capsys, argv: list[str]) -> dict:
     import json
 
@@ -136,6 +159,7 @@ def cli_json(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@NEEDS_WEIGHTS
 def test_protect_files_refines_against_the_chosen_networks(tmp_path, capsys):
     from toap_kit import batch, odd_inputs, protect
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toap_kit import cg, toap, zoo
+from toap_kit import cg, recognizers, toap, zoo
 from toap_kit.data import load_faceset, make_protocol
 from toap_kit.perturbation import Perturbation
 
@@ -102,7 +102,9 @@ def test_shipped_perturbations_and_their_tiers():
     assert {"uap-mid-cnn", "toap-mid-cnn"} <= set(names)
     for n in names:
         p = Perturbation.load(n)
-        assert p.card["surrogates"] and all(s in zoo.surrogates() or s in toap.KNOWN_BACKBONE for s in p.card["surrogates"])
+        own = {toap.own_descriptor(n) for n in recognizers.NAMES}  # a real network's descriptor (the ensembles)
+        assert p.card["surrogates"] and all(s in zoo.surrogates() or s in toap.KNOWN_BACKBONE or s in own
+                                            for s in p.card["surrogates"])
     assert toap.threat_tier(Perturbation.load("toap-mid-cnn").card["surrogates"], "dlib_itq_64") == "engine-blackbox"
     if "toap-mid" in names:
         assert toap.threat_tier(Perturbation.load("toap-mid").card["surrogates"], "dlib_itq_64") == "engine-known-backbone"

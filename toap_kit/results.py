@@ -49,7 +49,7 @@ from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
 __all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS", "grid", "load_victims", "replace_block",
-           "Purified", "annotate_cards", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
+           "Purified", "annotate_cards", "example_photos", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
            "refined", "reuse_rows", "run", "tradeoff", "write"]
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def _label_of(lfw_identities: Sequence[str] | None) -> dict[str, int]:
     return {n: i for i, n in enumerate(ids)}
 
 
-def _photos(eval_identities: Sequence[str]) -> tuple[list[torch.Tensor], list[str]]:
+def example_photos(eval_identities: Sequence[str]) -> tuple[list[torch.Tensor], list[str]]:
     """The shipped 250x250 photos of evaluation identities."""
     faces = data.load_faceset("photos250", 250)
     keep = [i for i, n in enumerate(faces.names()) if n in set(eval_identities)]
@@ -226,7 +226,7 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
     protect --refine`` does it (``protect.protect_image``: faces found on the photo, each refined
     from ``toap-mid``, feathered, rounded to 8 bits). Photos whose person has no photo in the
     database (a fast run's smaller database) are left out. ``lfw_identities``: see ``_label_of``."""
-    photos, names = _photos(identities)
+    photos, names = example_photos(identities)
     label_of = _label_of(lfw_identities)
     kept = [i for i, n in enumerate(names) if bool((sets.db_labels == label_of[n]).any())]
     photos, names = [photos[i] for i in kept], [names[i] for i in kept]
@@ -272,16 +272,21 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
 
 def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identities: list[str],
               strengths: Sequence[str] = tuple(protect.STRENGTHS), refine_steps: int | None = None,
-              profile: str = "facebook", k: int = 10, lfw_identities: Sequence[str] | None = None) -> list[dict]:
+              profile: str = "facebook", k: int = 10, lfw_identities: Sequence[str] | None = None,
+              against: Sequence[Sequence[str]] = (("dlib",),),
+              db_codes: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """What the demo shows, for every shipped example photo (the 250x250 photos of evaluation
     identities): for each strength x {universal, refined} x engine, how many of the person's
     photos the engine's top ``k`` holds (tie-aware expectation) for the original and for the
     protected photo, both after ``profile`` (the demo's pipeline: ``protect.protect_image`` on the
-    whole photo, the profile, ``protect.face_crop``). ``lfw_identities``: see ``_label_of``."""
-    photos, names = _photos(identities)
+    whole photo, the profile, ``protect.face_crop``). ``lfw_identities``: see ``_label_of``.
+    ``against``: the refinement's sets of networks, one refined row per set (its ``against``
+    field); ``db_codes``: the engines' codes of ``sets.db_images`` when already known."""
+    photos, names = example_photos(identities)
     label_of = _label_of(lfw_identities)
-    rec = refine.KnownRecognizer() if refine_steps is not None else None
-    db_codes = {n: m.encode(sets.db_images) for n, m in engines.items()}
+    recs = ({tuple(a): refine.KnownRecognizer(against=a) for a in map(refine.check_against, against)}
+            if refine_steps is not None else {})
+    db_codes = {n: db_codes[n] if db_codes and n in db_codes else m.encode(sets.db_images) for n, m in engines.items()}
     rows = []
 
     def hits(codes: torch.Tensor, vn: str, label: int) -> float:
@@ -295,19 +300,22 @@ def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identitie
         clean = protect.face_crop(postprocess.apply(pil, profile), 112)[0][None]
         for strength in strengths:
             pert = Perturbation.load(protect.STRENGTHS[strength])
-            ways = {"universal": 0, **({"refined": refine_steps or refine.DEFAULT_STEPS} if rec else {})}
-            for way, steps in ways.items():
+            ways = [("universal", 0, None)] + [("refined", refine_steps or refine.DEFAULT_STEPS, a) for a in recs]
+            for way, steps, nets in ways:
                 t = time.perf_counter()
-                out = protect.protect_image(pil, pert, refine_steps=steps, recognizer=rec)
+                out = protect.protect_image(pil, pert, refine_steps=steps, recognizer=recs.get(nets),
+                                            against=nets or ("dlib",))
                 seconds = time.perf_counter() - t
                 crop = protect.face_crop(postprocess.apply(out.image, profile), 112)[0][None]
                 x0, y0, side = out.boxes[0] if out.boxes else (0, 0, min(pil.size))
                 box = (max(0, x0), max(0, y0), min(pil.width, x0 + side), min(pil.height, y0 + side))
                 q, q0 = (postprocess.from_pil(im.crop(box))[None] for im in (out.image, pil))  # the largest face's square
                 for vn, m in engines.items():
+                    surrogates = (pert.card["surrogates"] if nets is None else [toap.own_descriptor(n) for n in nets])
                     rows.append({"photo": name, "strength": strength, "way": way, "engine": vn, "profile": profile,
-                                 "tier": toap.threat_tier(pert.card["surrogates"] if way == "universal"
-                                                          else [toap.DLIB_DESCRIPTOR], vn),
+                                 "perturbation": protect.STRENGTHS[strength],  # the universal delta (the start)
+                                 **({"against": list(nets)} if nets else {}),
+                                 "tier": toap.threat_tier(surrogates, vn),
                                  "hits_before": hits(m.encode(clean), vn, label_of[name]),
                                  "hits_after": hits(m.encode(crop), vn, label_of[name]),
                                  "psnr": evaluate.psnr(q, q0), "seconds": seconds})
@@ -490,7 +498,7 @@ def _refit_head(engine: RecognizerHash, clean: torch.Tensor, protected: torch.Te
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out = RecognizerHash(engine.bits, engine.chip_box, engine.input_size, net=engine.net)
+    out = RecognizerHash(engine.bits, engine.chip_box, engine.input_size, net=engine.net, aligned=engine.aligned)
     out.center.copy_(engine.center)
     out.projection.copy_(proj.detach())
     return out.eval()
