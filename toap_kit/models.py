@@ -3,8 +3,9 @@
 Every model takes ``N x 3 x H x W`` pixels in [0, 1] at any size >= 32 (resized inside to its
 ``input_size``), normalises inside (so attacks work on raw pixels), and returns ``N x bits``
 pre-sign values ``u``. ``encode(x)`` gives the hash codes ``sign(u)`` in {-1, +1}
-(``sign(0)`` counts as +1). An auxiliary ``embed`` head (``N x 128``) is used only while
-distilling from the teacher.
+(``sign(0)`` counts as +1). An auxiliary ``embed`` head (``N x 128``) is trained while
+distilling from the teacher; TOAP's feature term (``toap.feature_term``) reads it afterwards
+as the surrogate's feature space (``forward_with_embedding``).
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ class HashNet(CodesMixin, nn.Module):
         return self.hash(self.trunk(x))
 
     def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(u, e)``: pre-sign outputs and the auxiliary 128-D embedding (distillation)."""
+        """``(u, e)``: pre-sign outputs and the auxiliary 128-D embedding (distillation; TOAP's feature term)."""
         h = self.trunk(x)
         return self.hash(h), self.embed_head(h)
 
