@@ -27,6 +27,9 @@ def test_perturbation_figure_amplifies_and_checks_its_input():
     assert shown.min() == pytest.approx(0.0) and shown.max() == pytest.approx(1.0)  # +-eps -> full range
     assert len(fig.axes) == 3
     plt.close(fig)
+    fig = plots.perturbation_figure(delta, eps, title="toap-mid")
+    assert fig._suptitle.get_text() == "toap-mid" and fig.axes[0].get_title().startswith("delta x")
+    plt.close(fig)
     with pytest.raises(ValueError, match="3 x H x W"):
         plots.perturbation_figure(delta[0], eps)
     with pytest.raises(ValueError, match="eps"):

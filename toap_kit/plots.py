@@ -92,10 +92,11 @@ def hamming_histogram(dist, same, bits: int | None = None, title: str = "") -> p
 
 
 def perturbation_figure(delta: torch.Tensor, eps: float, face: torch.Tensor | None = None,
-                        size: float = 2.2) -> plt.Figure:
+                        size: float = 2.2, title: str | None = None) -> plt.Figure:
     """A perturbation ``3 x H x W`` (pixel units, ``|delta| <= eps``) shown amplified to the full
     range (``0.5 + delta / (2 eps)``: grey = 0); with ``face`` (``3 x H' x W'``, [0, 1]), also the
-    face and ``face + delta`` (delta resized bilinearly to the face if sizes differ)."""
+    face and ``face + delta`` (delta resized bilinearly to the face if sizes differ). ``title``:
+    the figure's title (say which perturbation it is)."""
     if delta.ndim != 3 or delta.shape[0] != 3:
         raise ValueError(f"delta must be 3 x H x W, got {tuple(delta.shape)}")
     if not eps > 0:
@@ -106,9 +107,11 @@ def perturbation_figure(delta: torch.Tensor, eps: float, face: torch.Tensor | No
             delta[None], size=tuple(face.shape[-2:]), mode="bilinear", align_corners=False)[0]
         panels = [(face, "face")] + panels + [((face + d).clamp(0, 1), "face + delta")]
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * size, size + 0.3), squeeze=False)
-    for ax, (img, title) in zip(axes[0], panels):
+    for ax, (img, label) in zip(axes[0], panels):
         ax.imshow(_hwc(img))
-        ax.set_title(title, fontsize=8)
+        ax.set_title(label, fontsize=8)
         ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
