@@ -132,3 +132,22 @@ def test_one_tier_vocabulary():
     assert {toap.threat_tier(s, v) for s, v in ((["vgg_dpsh_32"], "vgg_dpsh_32"), (["vgg_dpsh_32"], "vgg_csq_64"),
                                                  (["vgg_dpsh_32"], "dlib_itq_32"), ([toap.DLIB_SURROGATE], "dlib_itq_64"),
                                                  ([toap.DLIB_DESCRIPTOR], "vgg_csq_64"))} == set(toap.TIERS)
+
+
+def test_meta_gradient_is_the_train_gradient_plus_the_test_gradient_after_one_clipped_sign_step():
+    gen = torch.Generator().manual_seed(0)
+    delta = 0.03 * torch.randn(1, 3, 4, 4, generator=gen)
+    a, b = torch.randn(1, 3, 4, 4, generator=gen), torch.randn(1, 3, 4, 4, generator=gen)
+    seen = {}
+
+    def test_loss(d):
+        seen["at"] = d.detach().clone()
+        return (b * d.pow(3)).sum()
+
+    before = delta.clone()
+    g = toap.meta_gradient(delta, lambda d: (d - a).pow(2).sum(), test_loss, inner_alpha=0.05, eps=0.04)
+    g_train = 2 * (delta - a)
+    inner = (delta - 0.05 * g_train.sign()).clamp(-0.04, 0.04)
+    assert torch.equal(delta, before) and torch.allclose(seen["at"], inner)  # the test loss is read at delta'
+    assert torch.allclose(g, g_train + 3 * b * inner.pow(2), atol=1e-6)
+    assert (inner.abs() == 0.04).any(), "the case reaches the clip"

@@ -41,7 +41,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from .perturbation import Perturbation
 from .recognizer import RecognizerHash
 
 __all__ = ["own_descriptor", "surrogate_networks", "engine_network", "stand_in", "DLIB_DESCRIPTOR", "DLIB_SURROGATE", "KNOWN_BACKBONE", "TIERS", "TIER_LABELS", "TIER_WORDS", "TOAP", "TOAPConfig", "consistency_term", "dlib_surrogate", "feature_term",
-           "load_surrogates", "margin_term", "threat_tier"]
+           "load_surrogates", "margin_term", "meta_gradient", "threat_tier"]
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,20 @@ def feature_term(e: torch.Tensor, e_clean: torch.Tensor) -> torch.Tensor:
     """Robust objective (c) [kit]: mean cosine similarity of the protected faces' embeddings
     ``e`` (``N x D``) to the clean ones' ``e_clean`` (minimised: in [-1, 1])."""
     return F.cosine_similarity(e, e_clean.detach(), dim=1).mean()
+
+
+def meta_gradient(delta: torch.Tensor, train_loss: Callable[[torch.Tensor], torch.Tensor],
+                  test_loss: Callable[[torch.Tensor], torch.Tensor], inner_alpha: float, eps: float) -> torch.Tensor:
+    """Meta-learning over surrogates [paper idea; kit's first-order, MGAA-like reading]: Algorithm 1,
+    lines 10-12. ``g`` = the gradient of ``train_loss`` (the meta-train surrogates' mean loss) at
+    ``delta``; ``delta'`` = one sign step of ``inner_alpha`` down ``g``, clipped to ``[-eps, eps]``;
+    returns ``g + g'``, ``g'`` the gradient of ``test_loss`` (the held-out surrogate's) at ``delta'``.
+    ``delta``: ``1 x 3 x S x S`` (left unchanged); the losses map such a tensor to a scalar."""
+    d = delta.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(train_loss(d), d)
+    inner = (d.detach() - inner_alpha * g.sign()).clamp(-eps, eps).requires_grad_(True)
+    (g_test,) = torch.autograd.grad(test_loss(inner), inner)
+    return g + g_test
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,21 +503,29 @@ class TOAP:
         held = names[step % len(names)] if meta else None
         train = [n for n in names if n != held]
         draw = self._draw(rng)
-        xa = self._protected(x, delta)
-        total, parts = 0.0, {}
-        for n in train:
-            loss, p = self._loss(n, x, xa, y, draw)
-            total = total + loss / len(train)
-            for k, v in p.items():
-                parts[k] = parts.get(k, 0.0) + v / len(train)
-        (g,) = torch.autograd.grad(total, delta)
-        row = {"train_loss": float(total.detach()), **parts, "draw": draw["kind"]}
-        if meta:
-            inner = (delta.detach() - c.inner_alpha * g.sign()).clamp(-c.eps, c.eps).requires_grad_(True)
-            test, _ = self._loss(held, x, self._protected(x, inner), y, self._draw(rng))
-            (g_test,) = torch.autograd.grad(test, inner)
-            g = g + g_test
+        test_draw = self._draw(rng) if meta else None  # the meta-test's own draw (line 12)
+        row: dict = {"draw": draw["kind"]}
+
+        def train_loss(d: torch.Tensor) -> torch.Tensor:
+            xa = self._protected(x, d)
+            total, parts = 0.0, {}
+            for n in train:
+                loss, p = self._loss(n, x, xa, y, draw)
+                total = total + loss / len(train)
+                for k, v in p.items():
+                    parts[k] = parts.get(k, 0.0) + v / len(train)
+            row.update(train_loss=float(total.detach()), **parts)
+            return total
+
+        def test_loss(d: torch.Tensor) -> torch.Tensor:
+            test, _ = self._loss(held, x, self._protected(x, d), y, test_draw)
             row.update(held_out=held, test_loss=float(test.detach()))
+            return test
+
+        if meta:
+            g = meta_gradient(delta, train_loss, test_loss, c.inner_alpha, c.eps)
+        else:
+            (g,) = torch.autograd.grad(train_loss(delta), delta)
         opt.zero_grad(set_to_none=True)
         delta.grad = g
         opt.step()
