@@ -56,7 +56,7 @@ PERTURBATION_SPECS: dict[str, dict] = {
        for name, eps, floor in (("toap-mid", 8, 32.5), ("toap-low", 4, 36.0), ("toap-high", 12, 29.0))},
     # issue 29: the same recipe against two real networks, each leaving the third out (the
     # leave-one-network-out matrix, ``python -m toap_kit.networks``, judges them on it); 300 steps,
-    # not 1000: a step against two networks takes ~2.4 s on 2 CPU cores (40 min for 1000)
+    # not 1000: a step against a pair with faceres takes about 2 s on 2 CPU cores (30+ min for 1000)
     **{f"ens-mid-{'-'.join(nets)}": {"method": "ensemble", "eps": 8, "against": nets,
                                      "surrogates": tuple(toap.own_descriptor(n) for n in nets), "psnr_floor": 32.5,
                                      "steps": 300, "lr": 2e-3, "p_none": 0.15, "p_jpeg": 0.3, "p_resize": 0.3}
