@@ -110,20 +110,30 @@ WRONG_ANSWERS = (
      "    y = 0.299 * r + 0.587 * g + 0.114 * b\n"
      "    c = torch.stack([0.564 * (b - y) + 127.5, 0.713 * (r - y) + 127.5], 1)\n    return y, F.avg_pool2d(c, 2)",
      "chroma is 0.5 below libjpeg's: its offset is 128 levels, not kornia's 127.5"),
-    ("nb06-ex6-project", "scales to the floor's RMS first and clips second",
+    ("nb06-ex6-meta-gradient", "returns the meta-train gradient alone",
+     "import torch\ndef meta_gradient(delta, train_loss, test_loss, inner_alpha, eps):\n"
+     "    d = delta.detach().requires_grad_(True)\n    (g,) = torch.autograd.grad(train_loss(d), d)\n    return g",
+     "returns the meta-train gradient alone: add the held-out gradient at delta'"),
+    ("nb06-ex6-meta-gradient", "forgets to clip the inner step to the eps-ball",
+     "import torch\ndef meta_gradient(delta, train_loss, test_loss, inner_alpha, eps):\n"
+     "    d = delta.detach().requires_grad_(True)\n    (g,) = torch.autograd.grad(train_loss(d), d)\n"
+     "    inner = (d.detach() - inner_alpha * g.sign()).requires_grad_(True)\n"
+     "    (g_te,) = torch.autograd.grad(test_loss(inner), inner)\n    return g + g_te",
+     "forgets to clip delta' to [-eps, eps]"),
+    ("nb06-ex7-project", "scales to the floor's RMS first and clips second",
      "def project(delta, eps, psnr_floor):\n    rms, rms_max = float(delta.pow(2).mean().sqrt()), 10 ** (-psnr_floor / 20)\n"
      "    d = delta * (rms_max / rms) if rms > rms_max else delta.clone()\n    return d.clamp(-eps, eps)",
      "then take the RMS of the clipped delta, and scale only when it is above 10^(-floor/20)"),
-    ("nb06-ex6-project", "clips in place (`delta.clamp_`)",
+    ("nb06-ex7-project", "clips in place (`delta.clamp_`)",
      "def project(delta, eps, psnr_floor):\n    d = delta.clamp_(-eps, eps)\n"
      "    rms, rms_max = float(d.pow(2).mean().sqrt()), 10 ** (-psnr_floor / 20)\n"
      "    return d * (rms_max / rms) if rms > rms_max else d",
      "`project` changed its argument; work on a copy (`delta.clamp(...)` makes one)"),
-    ("nb06-ex7-draw-kind", "picks the CG even when there is none",
+    ("nb06-ex8-draw-kind", "picks the CG even when there is none",
      "def draw_kind(r, C, has_cg=True):\n    if not C.diversity or r < C.p_none:\n        return 'none'\n"
      "    if r < C.p_none + C.p_real:\n        return 'real'\n    return 'cg' if r < C.p_none + C.p_real + C.p_cg else 'diff'",
      "the CG only when there is one; nothing at all when diversity is off"),
-    ("nb06-ex7-draw-kind", "tests `r <= p_none`",
+    ("nb06-ex8-draw-kind", "tests `r <= p_none`",
      "def draw_kind(r, C, has_cg=True):\n    if not C.diversity or r <= C.p_none:\n        return 'none'\n"
      "    if r < C.p_none + C.p_real:\n        return 'real'\n"
      "    return 'cg' if r < C.p_none + C.p_real + C.p_cg and has_cg else 'diff'",

@@ -1,6 +1,7 @@
 """The course's checked exercises (nbgrader; issue 20, item 3).
 
-An exercise is two code cells at the end of a chapter: a **solution cell** (nbgrader metadata
+An exercise is two code cells at the end of a chapter (or, in 06, where the chapter's code uses
+the function): a **solution cell** (nbgrader metadata
 ``solution: true``; a function whose body sits between nbgrader's solution markers, and its own
 imports) followed by its **check cell** (``grade: true``, locked, points; it builds its own small
 inputs and calls the function through ``toap_kit.exercises.solved``). Checked here:
@@ -96,6 +97,24 @@ def test_chapter_has_checked_exercises(name):
     for cell in nb["cells"]:
         if not _grader(cell).get("solution"):
             assert "BEGIN SOLUTION" not in _src(cell), f"{name}: nbgrader would cut cell {cell['id']} (its marker text)"
+
+
+HIDDEN_ANSWERS = ["06_toap_three_in_one"]
+"""Chapters whose answers appear nowhere else in the chapter (issue 31: 06's from-scratch code calls
+the student's functions instead of spelling them out); the other chapters' from-scratch cells still
+show a line or two of some answers."""
+
+
+@pytest.mark.parametrize("name", HIDDEN_ANSWERS)
+def test_no_answer_is_spelled_out_elsewhere_in_its_chapter(name):
+    cells = _nb(name)["cells"]
+    for sol, _ in exercises(_nb(name)):
+        answer = _src(sol).split("### BEGIN SOLUTION", 1)[1].split("### END SOLUTION", 1)[0]
+        lines = [line.strip() for line in answer.splitlines() if len(line.strip()) > 20]
+        for cell in cells:
+            if not _grader(cell):
+                shown = [line for line in lines if line in _src(cell)]
+                assert not shown, f"{name}: {_grader(sol)['grade_id']}'s answer is in cell {cell['id']}: {shown}"
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def run(fast: bool | None = None, cache: Path | None = None, progress: bool = Tr
     if "photos" in parts:
         people, photo_sets = proto.eval_identities, full
         if fast:  # the first photos' people and a few distractors
-            people = results.example_photos(people)[1][:FAST["photos"]]
+            people = results._photos(people)[1][:FAST["photos"]]  # the example photos' people
             mine = torch.isin(full.db_labels, torch.tensor([faces.identities.index(n) for n in people]))
             dis = (full.db_source < 0) & (torch.cumsum((full.db_source < 0).long(), 0) <= FAST["distractors"])
             keep = mine | dis

@@ -49,7 +49,7 @@ from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
 __all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS", "grid", "load_victims", "replace_block",
-           "Purified", "annotate_cards", "example_photos", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
+           "Purified", "annotate_cards", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
            "refined", "reuse_rows", "run", "tradeoff", "write"]
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def _label_of(lfw_identities: Sequence[str] | None) -> dict[str, int]:
     return {n: i for i, n in enumerate(ids)}
 
 
-def example_photos(eval_identities: Sequence[str]) -> tuple[list[torch.Tensor], list[str]]:
+def _photos(eval_identities: Sequence[str]) -> tuple[list[torch.Tensor], list[str]]:
     """The shipped 250x250 photos of evaluation identities."""
     faces = data.load_faceset("photos250", 250)
     keep = [i for i, n in enumerate(faces.names()) if n in set(eval_identities)]
@@ -226,7 +226,7 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
     protect --refine`` does it (``protect.protect_image``: faces found on the photo, each refined
     from ``toap-mid``, feathered, rounded to 8 bits). Photos whose person has no photo in the
     database (a fast run's smaller database) are left out. ``lfw_identities``: see ``_label_of``."""
-    photos, names = example_photos(identities)
+    photos, names = _photos(identities)
     label_of = _label_of(lfw_identities)
     kept = [i for i, n in enumerate(names) if bool((sets.db_labels == label_of[n]).any())]
     photos, names = [photos[i] for i in kept], [names[i] for i in kept]
@@ -282,7 +282,7 @@ def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identitie
     whole photo, the profile, ``protect.face_crop``). ``lfw_identities``: see ``_label_of``.
     ``against``: the refinement's sets of networks, one refined row per set (its ``against``
     field); ``db_codes``: the engines' codes of ``sets.db_images`` when already known."""
-    photos, names = example_photos(identities)
+    photos, names = _photos(identities)
     label_of = _label_of(lfw_identities)
     recs = ({tuple(a): refine.KnownRecognizer(against=a) for a in map(refine.check_against, against)}
             if refine_steps is not None else {})
