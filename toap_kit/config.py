@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Config", "cpu_threads", "device", "setup", "seed_everything"]
+__all__ = ["Config", "cpu_threads", "device", "fast_mode", "setup", "seed_everything"]
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "outputs"
 
@@ -122,6 +122,13 @@ class Config:
     out: Path = OUTPUT_DIR
 
 
+def fast_mode(fast: bool | None = None) -> bool:
+    """``fast`` when given, else whether ``TOAP_FAST`` in the environment asks for fast mode."""
+    if fast is not None:
+        return fast
+    return os.environ.get("TOAP_FAST", "0").lower() not in ("", "0", "false", "no")
+
+
 def setup(seed: int = 0, fast: bool | None = None, threads: int | None = None) -> Config:
     """Seed everything, configure logging, and return the run's sizes.
 
@@ -133,8 +140,7 @@ def setup(seed: int = 0, fast: bool | None = None, threads: int | None = None) -
     Raises:
         ValueError: a bad ``TOAP_DEVICE`` (``device``).
     """
-    if fast is None:
-        fast = os.environ.get("TOAP_FAST", "0").lower() not in ("", "0", "false", "no")
+    fast = fast_mode(fast)
     device()  # a bad TOAP_DEVICE is refused here, before the run's work
     seed_everything(seed)
     if threads:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from . import data, engine, evaluate, perturbation, refine, results, toap, zoo
-from .config import OUTPUT_DIR
+from .config import OUTPUT_DIR, fast_mode
 from .recognizers import NAMES
 
 __all__ = ["AGAINST", "DB_POSTS", "ENGINES", "ENSEMBLE_PREFIX", "N_QUERIES", "PARTS", "POSTS", "PURIFIERS", "README_BEGIN", "README_END",
@@ -75,10 +74,6 @@ PURIFIERS = ("jpeg:50", "median:3", "resize:0.5")
 """The honest limits' defences: an engine that purifies every image (database and queries) before hashing."""
 
 
-def _fast(fast: bool | None) -> bool:
-    return os.environ.get("TOAP_FAST", "0").lower() not in ("", "0", "false", "no") if fast is None else fast
-
-
 def run(fast: bool | None = None, cache: Path | None = None, progress: bool = True,
         parts: Sequence[str] = PARTS) -> dict:
     """The parts of the study (see the module docstring), each with its wall time in ``seconds``;
@@ -92,7 +87,7 @@ def run(fast: bool | None = None, cache: Path | None = None, progress: bool = Tr
     - ``limits``: each refinement's held-out engines when they purify every image (``PURIFIERS``),
       on the matrix's refined queries (cached).
     """
-    fast = _fast(fast)
+    fast = fast_mode(fast)
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"parts must be some of {PARTS}, got {tuple(parts)}")

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import artifacts, attacks, data, evaluate, postprocess, protect, refine, retrieval, toap, zoo
-from .config import OUTPUT_DIR
+from .config import OUTPUT_DIR, fast_mode
 from .perturbation import PERTURBATION_DIR, Perturbation
 from .recognizer import RecognizerHash
 
@@ -552,8 +552,7 @@ def run(fast: bool | None = None, cache: Path | None = None, parts: Sequence[str
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
-    if fast is None:
-        fast = os.environ.get("TOAP_FAST", "0").lower() not in ("", "0", "false", "no")
+    fast = fast_mode(fast)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     cache = cache or (OUTPUT_DIR / "results-fast" if fast else RESULTS_DIR) / "perturbations"
