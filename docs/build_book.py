@@ -84,6 +84,7 @@ from pathlib import Path
 import nbformat
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import ExecutePreprocessor
+from nbclient.output_widget import OutputWidget
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -342,9 +343,26 @@ def _squash_progress(text: str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
+class _PageOutputWidget(OutputWidget):
+    """nbclient's stand-in for an ``ipywidgets.Output`` that keeps the outputs for the page
+    without echoing them to the kernel. nbclient's own sends the widget's whole state back on
+    the shell channel at every output, unawaited, while it waits on that channel for the
+    cell's reply; a large figure in an interactive output (07's explorer) then stalls the
+    build for good (jupyter/nbclient#312). A static page needs only the recorded
+    ``widget_state``, which ``output`` still keeps."""
+
+    def sync_state(self) -> None:
+        pass
+
+
 class BookExecutor(ExecutePreprocessor):
     """``ExecutePreprocessor`` that leaves skipped cells unrun (with a note), times every code
-    cell (``cell_seconds``: index -> seconds), logs slow cells and shows a tqdm bar over the cells."""
+    cell (``cell_seconds``: index -> seconds), logs slow cells, shows a tqdm bar over the cells
+    and records ``Output`` widgets with ``_PageOutputWidget``."""
+
+    def on_comm_open_jupyter_widget(self, msg):
+        self.widget_registry["@jupyter-widgets/output"] = {"OutputModel": _PageOutputWidget}
+        return super().on_comm_open_jupyter_widget(msg)
 
     def preprocess(self, nb, resources=None, km=None):
         from tqdm.auto import tqdm
