@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from toap_kit import cli, data, networks, recognizer, recognizers, refine, toap, zoo
+from toap_kit import cli, data, networks, recognizers, refine, toap, zoo
 from toap_kit.perturbation import Perturbation
 from toap_kit.recognizers import weights
 
@@ -62,8 +62,8 @@ def test_against_is_checked():
 
 def test_chip_moved_between_frames_is_the_target_box():
     a, b = (0.0945, 0.1583, 0.9188, 0.9826), (0.035, -0.011, 0.965, 0.919)
-    moved = recognizer.chip_in_frame(recognizer.box_theta(a, 2), a, b)
-    torch.testing.assert_close(moved, recognizer.box_theta(b, 2), atol=1e-6, rtol=0)
+    moved = recognizers.chip_in_frame(recognizers.box_theta(a, 2), a, b)
+    torch.testing.assert_close(moved, recognizers.box_theta(b, 2), atol=1e-6, rtol=0)
 
 
 @NEEDS_WEIGHTS

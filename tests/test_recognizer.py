@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from toap_kit import recognizer, teacher, zoo
+from toap_kit import recognizers, teacher, zoo
 from toap_kit.data import load_faceset, make_protocol, retrieval_sets, sha256_file
 from toap_kit.retrieval import hamming_distance, mean_average_precision
 
 
 @pytest.fixture(scope="module")
 def net():
-    return recognizer.load_dlib_resnet()
+    return recognizers.load_dlib_resnet()
 
 
 def test_port_equals_dlib_on_the_same_chips(net):
@@ -37,19 +37,19 @@ def test_reader_refuses_a_file_that_is_not_a_dlib_network(tmp_path):
     bad = tmp_path / "not_a_net.dat"
     bad.write_bytes(b"\x01\x05con_4" + b"\x01\x03" + bytes(40))
     with pytest.raises(ValueError, match="not_a_net.dat"):
-        recognizer.load_dlib_resnet(bad)
+        recognizers.load_dlib_resnet(bad)
 
 
 def test_face_chip_crops_the_box_and_checks_it():
     x = torch.arange(64.0).view(1, 1, 8, 8).expand(1, 3, 8, 8) / 64
-    same = recognizer.face_chip(x, (0, 0, 1, 1), size=8)
+    same = recognizers.face_chip(x, (0, 0, 1, 1), size=8)
     assert torch.allclose(same, x, atol=1e-6)
-    left = recognizer.face_chip(x, (0, 0, 0.5, 1), size=4)  # left half, every other row
+    left = recognizers.face_chip(x, (0, 0, 0.5, 1), size=4)  # left half, every other row
     assert torch.allclose(left[0, 0], x[0, 0, ::2, :4] + (x[0, 0, 1::2, :4] - x[0, 0, ::2, :4]) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="x1 > x0"):
-        recognizer.face_chip(x, (0.5, 0, 0.5, 1))
+        recognizers.face_chip(x, (0.5, 0, 0.5, 1))
     with pytest.raises(ValueError, match="N x 3"):
-        recognizer.face_chip(x[0], (0, 0, 1, 1))
+        recognizers.face_chip(x[0], (0, 0, 1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_shipped_recognizer_engines_retrieve_well(name, small_sets):
 
 
 def test_recognizer_engine_save_load_round_trip(tmp_path, net):
-    model = recognizer.RecognizerHash(16, (0.1, 0.15, 0.9, 0.95), net=net)
+    model = recognizers.RecognizerHash(16, (0.1, 0.15, 0.9, 0.95), net=net)
     model.fit_itq(torch.randn(200, 128), seed=0)
     info = {"role": "victim", "objective": "itq", "seed": 0,
             "network": {"sha256": sha256_file(teacher.model_dir() / teacher.DLIB_WEIGHTS)}}

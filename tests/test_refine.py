@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from toap_kit import batch, cli, config, postprocess, protect, recognizer, recognizers, refine, toap, zoo
+from toap_kit import batch, cli, config, postprocess, protect, recognizers, refine, toap, zoo
 from toap_kit.data import DATA_DIR, load_faceset, make_protocol
 from toap_kit.perturbation import feather_mask
-from toap_kit.recognizer import RecognizerHash
+from toap_kit.recognizers import RecognizerHash
 
 PHOTO = DATA_DIR / "photos250" / "George_W_Bush" / "01.jpg"
 
@@ -32,7 +32,7 @@ def test_landmark_chip_reproduces_dlibs_own_chip(faces):
 
     from toap_kit import teacher
 
-    thetas = recognizer.landmark_thetas(faces)
+    thetas = recognizers.landmark_thetas(faces)
     grid = torch.nn.functional.affine_grid(thetas, [len(faces), 3, 150, 150], align_corners=False)
     ours = torch.nn.functional.grid_sample(faces * 255, grid, align_corners=False, padding_mode="zeros")
     r = teacher.Recognizer()
@@ -71,7 +71,7 @@ def test_refinement_moves_dlibs_descriptor_and_the_engines_codes(faces, rec):
     gen = torch.Generator().manual_seed(0)
     noise = (x + 8 / 255 * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)).clamp(0, 1)
     with torch.no_grad():
-        th = recognizer.landmark_thetas(x)
+        th = recognizers.landmark_thetas(x)
         e0 = rec.embed(x, th, True)
         dist, noise_dist = ((rec.embed(y, th, True) - e0).norm(dim=1) for y in (prot, noise))
     assert bool((dist > 0.45).all() and (dist > 3 * noise_dist).all()), (dist, noise_dist)

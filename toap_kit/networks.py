@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import data, engine, evaluate, perturbation, refine, results, toap, zoo
+from . import data, defences, engine, evaluate, perturbation, photos, refine, results, toap, zoo
 from .config import OUTPUT_DIR, fast_mode
 from .recognizers import NAMES
 
@@ -82,7 +82,7 @@ def run(fast: bool | None = None, cache: Path | None = None, progress: bool = Tr
     - ``matrix``: every protection x engine x post; query setting for all, database setting (every
       photo of the evaluation people protected) for the universal deltas, whose protection costs
       milliseconds (refining the 775 database faces against a pair would take hours here);
-    - ``photos``: the demo's per-photo table (``results.per_photo``) on every engine, at mid
+    - ``photos``: the demo's per-photo table (``photos.per_photo``) on every engine, at mid
       strength, universal and refined against each of ``AGAINST``, after Facebook's profile;
     - ``limits``: each refinement's held-out engines when they purify every image (``PURIFIERS``),
       on the matrix's refined queries (cached).
@@ -138,13 +138,13 @@ def run(fast: bool | None = None, cache: Path | None = None, progress: bool = Tr
     if "photos" in parts:
         people, photo_sets = proto.eval_identities, full
         if fast:  # the first photos' people and a few distractors
-            people = results._photos(people)[1][:FAST["photos"]]  # the example photos' people
+            people = photos.example_photos(people)[1][:FAST["photos"]]  # the example photos' people
             mine = torch.isin(full.db_labels, torch.tensor([faces.identities.index(n) for n in people]))
             dis = (full.db_source < 0) & (torch.cumsum((full.db_source < 0).long(), 0) <= FAST["distractors"])
             keep = mine | dis
             photo_sets = data.RetrievalSets(full.query_images[:0], full.query_labels[:0], full.db_images[keep],
                                             full.db_labels[keep], full.db_source[keep])
-        out["per_photo"] = results.per_photo(engines, photo_sets, people, ("mid",), refine_steps=steps or 0,
+        out["per_photo"] = photos.per_photo(engines, photo_sets, people, ("mid",), refine_steps=steps or 0,
                                              lfw_identities=faces.identities, against=against_sets,
                                              db_codes=None if fast else db)
         out["seconds"]["photos"], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
@@ -157,7 +157,7 @@ def run(fast: bool | None = None, cache: Path | None = None, progress: bool = Tr
 def limits(refinements: dict[str, tuple], engines: dict, sets: data.RetrievalSets,
            purifiers: Sequence[str] = PURIFIERS) -> list[dict]:
     """Each refinement (``run``'s entries) against its held-out engines (the widest codes among
-    ``engines``) when each engine purifies every image before hashing (``results.Purified``),
+    ``engines``) when each engine purifies every image before hashing (``defences.Purified``),
     query setting, no post: the honest limits of a protection against a network it never used."""
     rows, purified = [], {}  # (engine, purifier) -> its Evaluator: the purified database encoded once
     bits = max(zoo.card(vn)["bits"] for vn in engines)
@@ -169,7 +169,7 @@ def limits(refinements: dict[str, tuple], engines: dict, sets: data.RetrievalSet
                 continue
             for spec in purifiers:
                 if (vn, spec) not in purified:
-                    purified[vn, spec] = evaluate.Evaluator(results.Purified(m, spec), sets)
+                    purified[vn, spec] = evaluate.Evaluator(defences.Purified(m, spec), sets)
                 r = purified[vn, spec](lambda _x: protected, "query", "none")
                 rows.append({"perturbation": pname, "method": method, "surrogates": surrogates, "victim": vn,
                              "tier": toap.threat_tier(surrogates, vn), "engine": f"purifies with {spec}",

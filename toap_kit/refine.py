@@ -57,7 +57,7 @@ from .config import device as default_device
 from .data import DATA_DIR, check_pixels, load_faceset, make_protocol
 from .hashing import ITQ
 from .perturbation import Perturbation, feather_mask
-from .recognizer import box_theta, chip_in_frame, landmark_thetas
+from .recognizers import box_theta, chip_in_frame, landmark_thetas
 from .toap import own_descriptor
 
 __all__ = ["Adam", "DEFAULT_STEPS", "STRENGTHS", "WORK_SIDE", "KnownRecognizer", "RefineConfig", "fit_universal",

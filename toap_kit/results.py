@@ -17,7 +17,7 @@ from the surrogates on the perturbation's card:
   whole photo, the profile applied to the whole photo, the face cut out again by the kit's
   cropper, then the engine);
 - the quality/protection trade-off (``tradeoff``), the honest limits (``limits``), and the
-  per-photo table (``per_photo``): each shipped example photo x strength x {universal, refined}
+  per-photo table (``photos.per_photo``): each shipped example photo x strength x {universal, refined}
   x dlib engine, the person's photos in the top 10 before and after Facebook's profile.
 
 Outputs in ``results/``: ``toap.json`` (everything), ``toap.csv`` (the rows) and figures
@@ -46,11 +46,13 @@ from tqdm.auto import tqdm
 from . import artifacts, attacks, data, evaluate, postprocess, protect, refine, retrieval, toap, zoo
 from .config import OUTPUT_DIR, fast_mode
 from .perturbation import PERTURBATION_DIR, Perturbation
-from .recognizer import RecognizerHash
+from .defences import Purified, refit_head
+from .photos import example_photos, identity_labels, per_photo, protect_photo
+from .recognizers import RecognizerHash
 
-__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED", "RESULTS_DIR", "TRADEOFF_EPS", "grid", "load_victims", "replace_block",
-           "Purified", "annotate_cards", "figures", "limits", "merge", "per_photo", "photo_rows", "protect_photo",
-           "refined", "reuse_rows", "run", "tradeoff", "write"]
+__all__ = ["ABLATIONS", "DB_POSTS", "FAST_POSTS", "FAST_SHIPPED", "FAST_TOAP", "PARTS", "PHOTO_SIDES", "POSTS", "REFINED",
+           "RESULTS_DIR", "TRADEOFF_EPS", "annotate_cards", "figures", "grid", "limits", "load_victims", "merge",
+           "photo_rows", "refined", "replace_block", "reuse_rows", "run", "tradeoff", "write"]
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
@@ -105,22 +107,6 @@ def load_victims(names: Sequence[str]) -> dict[str, nn.Module]:
             memo.name, memo.dim, memo.input_size = m.net.name, m.net.dim, m.net.input_size
             m.net = memo
     return models
-
-
-class Purified(nn.Module):
-    """An engine that purifies every image before hashing (``spec``: a real post-processing,
-    e.g. ``jpeg:50``, ``median:3``, ``resize:0.5``): a defence the honest-limits rows measure."""
-
-    def __init__(self, model: nn.Module, spec: str):
-        super().__init__()
-        self.model, self.spec = model, spec
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(postprocess.apply(x.detach(), self.spec))
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        return self.model.encode(postprocess.apply(x, self.spec), batch_size)
 
 
 # ------------------------------------------------------------------ perturbations
@@ -187,33 +173,6 @@ def _refine_protection(steps: int | None) -> tuple[str, Callable, None, list[str
 
 
 # ------------------------------------------------------------------ photos
-def protect_photo(photo: torch.Tensor, perturbation: Perturbation, box: tuple[int, int, int]) -> torch.Tensor:
-    """``photo`` (``3 x H x W`` in [0, 1]) with ``perturbation`` resized to the face ``box``
-    ``(x0, y0, side)`` (the square the kit's cropper cuts) and added there, at the photo's
-    resolution; the rest of the photo is untouched."""
-    x0, y0, s = box
-    d = perturbation.resized(s, s)
-    out = photo.clone()
-    h, w = photo.shape[1:]
-    ya, yb, xa, xb = max(0, y0), min(h, y0 + s), max(0, x0), min(w, x0 + s)
-    out[:, ya:yb, xa:xb] = (out[:, ya:yb, xa:xb] + d[:, ya - y0:yb - y0, xa - x0:xb - x0]).clamp(0, 1)
-    return out
-
-
-def _label_of(lfw_identities: Sequence[str] | None) -> dict[str, int]:
-    """lfw158's label of each identity name; ``lfw_identities``: its identity list (None: read
-    from the face set, which loads every image)."""
-    ids = lfw_identities if lfw_identities is not None else data.load_faceset("lfw158", 32).identities
-    return {n: i for i, n in enumerate(ids)}
-
-
-def _photos(eval_identities: Sequence[str]) -> tuple[list[torch.Tensor], list[str]]:
-    """The shipped 250x250 photos of evaluation identities."""
-    faces = data.load_faceset("photos250", 250)
-    keep = [i for i, n in enumerate(faces.names()) if n in set(eval_identities)]
-    return [faces.images[i] for i in keep], [faces.names()[i] for i in keep]
-
-
 def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Module], sets: data.RetrievalSets,
                identities: list[str], profiles: Sequence[str], sides: Sequence[int] = PHOTO_SIDES,
                refine_steps: int | None = None, lfw_identities: Sequence[str] | None = None) -> list[dict]:
@@ -225,9 +184,9 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
     the refinement's default) the ``REFINED`` rows are added: each photo protected as ``toap
     protect --refine`` does it (``protect.protect_image``: faces found on the photo, each refined
     from ``toap-mid``, feathered, rounded to 8 bits). Photos whose person has no photo in the
-    database (a fast run's smaller database) are left out. ``lfw_identities``: see ``_label_of``."""
-    photos, names = _photos(identities)
-    label_of = _label_of(lfw_identities)
+    database (a fast run's smaller database) are left out. ``lfw_identities``: see ``photos.identity_labels``."""
+    photos, names = example_photos(identities)
+    label_of = identity_labels(lfw_identities)
     kept = [i for i, n in enumerate(names) if bool((sets.db_labels == label_of[n]).any())]
     photos, names = [photos[i] for i in kept], [names[i] for i in kept]
     labels = torch.tensor([label_of[n] for n in names for _ in sides])
@@ -267,58 +226,6 @@ def photo_rows(perturbations: dict[str, Perturbation], victims: dict[str, nn.Mod
                 after = retrieval.evaluate(retrieval.hamming_distance(m.encode(prot), db_codes[vn]), labels, sets.db_labels)
                 rows.append(_row(p, pname, vn, "query", f"photo:{prof}", before.map_all, after.map_all,
                                  evaluate.psnr(prot, clean[prof]), evaluate.ssim(prot, clean[prof]), **meta))
-    return rows
-
-
-def per_photo(engines: dict[str, nn.Module], sets: data.RetrievalSets, identities: list[str],
-              strengths: Sequence[str] = tuple(protect.STRENGTHS), refine_steps: int | None = None,
-              profile: str = "facebook", k: int = 10, lfw_identities: Sequence[str] | None = None,
-              against: Sequence[Sequence[str]] = (("dlib",),),
-              db_codes: dict[str, torch.Tensor] | None = None) -> list[dict]:
-    """What the demo shows, for every shipped example photo (the 250x250 photos of evaluation
-    identities): for each strength x {universal, refined} x engine, how many of the person's
-    photos the engine's top ``k`` holds (tie-aware expectation) for the original and for the
-    protected photo, both after ``profile`` (the demo's pipeline: ``protect.protect_image`` on the
-    whole photo, the profile, ``protect.face_crop``). ``lfw_identities``: see ``_label_of``.
-    ``against``: the refinement's sets of networks, one refined row per set (its ``against``
-    field); ``db_codes``: the engines' codes of ``sets.db_images`` when already known."""
-    photos, names = _photos(identities)
-    label_of = _label_of(lfw_identities)
-    recs = ({tuple(a): refine.KnownRecognizer(against=a) for a in map(refine.check_against, against)}
-            if refine_steps is not None else {})
-    db_codes = {n: db_codes[n] if db_codes and n in db_codes else m.encode(sets.db_images) for n, m in engines.items()}
-    rows = []
-
-    def hits(codes: torch.Tensor, vn: str, label: int) -> float:
-        dist = retrieval.hamming_distance(codes, db_codes[vn])
-        return k * retrieval.precision_at_k(dist, torch.tensor([label]), sets.db_labels, k)
-
-    for ph, name in tqdm(list(zip(photos, names)), desc="per-photo table"):
-        if not bool((sets.db_labels == label_of[name]).any()):  # a smaller (fast) database without this person
-            continue
-        pil = postprocess.to_pil(ph)
-        clean = protect.face_crop(postprocess.apply(pil, profile), 112)[0][None]
-        for strength in strengths:
-            pert = Perturbation.load(protect.STRENGTHS[strength])
-            ways = [("universal", 0, None)] + [("refined", refine_steps or refine.DEFAULT_STEPS, a) for a in recs]
-            for way, steps, nets in ways:
-                t = time.perf_counter()
-                out = protect.protect_image(pil, pert, refine_steps=steps, recognizer=recs.get(nets),
-                                            against=nets or ("dlib",))
-                seconds = time.perf_counter() - t
-                crop = protect.face_crop(postprocess.apply(out.image, profile), 112)[0][None]
-                x0, y0, side = out.boxes[0] if out.boxes else (0, 0, min(pil.size))
-                box = (max(0, x0), max(0, y0), min(pil.width, x0 + side), min(pil.height, y0 + side))
-                q, q0 = (postprocess.from_pil(im.crop(box))[None] for im in (out.image, pil))  # the largest face's square
-                for vn, m in engines.items():
-                    surrogates = (pert.card["surrogates"] if nets is None else [toap.own_descriptor(n) for n in nets])
-                    rows.append({"photo": name, "strength": strength, "way": way, "engine": vn, "profile": profile,
-                                 "perturbation": protect.STRENGTHS[strength],  # the universal delta (the start)
-                                 **({"against": list(nets)} if nets else {}),
-                                 "tier": toap.threat_tier(surrogates, vn),
-                                 "hits_before": hits(m.encode(clean), vn, label_of[name]),
-                                 "hits_after": hits(m.encode(crop), vn, label_of[name]),
-                                 "psnr": evaluate.psnr(q, q0), "seconds": seconds})
     return rows
 
 
@@ -480,36 +387,12 @@ def tradeoff(victims: dict[str, nn.Module], sets: data.RetrievalSets, data_: tup
     return rows
 
 
-def _refit_head(engine: RecognizerHash, clean: torch.Tensor, protected: torch.Tensor, steps: int = 300,
-                seed: int = 0) -> RecognizerHash:
-    """The engine's owner fine-tunes its hash layer on protected photos (it knows the
-    protection): the projection is trained so that protected faces get their clean codes,
-    while clean faces keep theirs."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        e_c, e_p = engine.embed(clean), engine.embed(protected)
-        b = torch.sign((e_c - engine.center) @ engine.projection)
-    proj = engine.projection.clone().requires_grad_(True)
-    opt = torch.optim.Adam([proj], lr=1e-3)
-    s = float(((e_c - engine.center) @ engine.projection).abs().mean())
-    for _ in range(steps):
-        u_p, u_c = (e_p - engine.center) @ proj, (e_c - engine.center) @ proj
-        loss = (1 - b * torch.tanh(u_p / s)).mean() + (1 - b * torch.tanh(u_c / s)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = RecognizerHash(engine.bits, engine.chip_box, engine.input_size, net=engine.net, aligned=engine.aligned)
-    out.center.copy_(engine.center)
-    out.projection.copy_(proj.detach())
-    return out.eval()
-
-
 def limits(perturbations: dict[str, Perturbation], engines: dict[str, RecognizerHash], sets: data.RetrievalSets,
            train_faces: torch.Tensor, purifiers: Sequence[str] = ("jpeg:50", "median:3", "resize:0.5"),
            refine_steps: int | None = None, refine_train: int = 256, refit_steps: int = 300) -> list[dict]:
     """Honest limits on the real-recognizer engines (query setting): an engine that purifies
     every image (database and queries) before hashing, and one that fine-tunes its hash layer
-    on the protected training faces (``_refit_head``: it knows the protection). With
+    on the protected training faces (``defences.refit_head``: it knows the protection). With
     ``refine_steps`` the refinement (``REFINED``) is measured too; its engine owner fine-tunes on
     the first ``refine_train`` training faces refined (refining all of them would take an hour).
     ``refit_steps``: the fine-tuning's Adam steps."""
@@ -526,7 +409,7 @@ def limits(perturbations: dict[str, Perturbation], engines: dict[str, Recognizer
             r = purified[vn, spec](apply, "query", "none")
             rows.append({**_row(p, pname, vn, "query", "none", r.map_clean, r.map_after, r.psnr, r.ssim, **meta),
                          "engine": f"purifies with {spec}"})
-        refit = evaluate.Evaluator(_refit_head(engine, train, apply(train), refit_steps), sets)  # its database once
+        refit = evaluate.Evaluator(refit_head(engine, train, apply(train), refit_steps), sets)  # its database once
         for post in ("none", "jpeg:75"):
             r = refit(apply, "query", post)
             rows.append({**_row(p, pname, vn, "query", post, r.map_clean, r.map_after, r.psnr, r.ssim, **meta),

@@ -53,7 +53,7 @@ from . import attacks, cg as cg_module, diffproc, postprocess, zoo
 from .config import device as default_device
 from .data import load_faceset, make_protocol
 from .perturbation import Perturbation
-from .recognizer import RecognizerHash
+from .recognizers import RecognizerHash
 
 __all__ = ["own_descriptor", "surrogate_networks", "engine_network", "stand_in", "DLIB_DESCRIPTOR", "DLIB_SURROGATE", "KNOWN_BACKBONE", "TIERS", "TIER_LABELS", "TIER_WORDS", "TOAP", "TOAPConfig", "consistency_term", "dlib_surrogate", "feature_term",
            "load_surrogates", "margin_term", "meta_gradient", "threat_tier"]

@@ -36,8 +36,8 @@ from .data import (DATA_DIR, RetrievalSets, load_faceset, make_protocol, make_se
                    split_queries)
 from .hashing import TrainConfig, make_objective, train_hash_model
 from .models import HashNet, build_model
-from .recognizer import RecognizerHash
 from . import recognizers
+from .recognizers import RecognizerHash
 from .store import load_checked, read_card, save_with_card
 
 __all__ = ["RECOGNIZER_BACKBONES", "ZOO_DIR", "ZOO_SPECS", "ModelSpec", "TrainingFaces", "build_zoo", "card", "clean_map", "remeasure_cards", "fit_recognizer",

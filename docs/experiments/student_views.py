@@ -6,7 +6,7 @@ may see (labelled training faces + distractors), one embedding per face, while t
 shows them flipped and shifted copies. Here every face also gets ``--views`` random views
 (rotation, scale, shift, flip, colour, grey; in 20% of the views two faces are mixed) and the
 target of each view is computed on that view by the torch port of dlib's network
-(``toap_kit.recognizer``, through the ``dlib_itq_64`` engine's fixed chip). One student is
+(``toap_kit.recognizers``, through the ``dlib_itq_64`` engine's fixed chip). One student is
 trained on them with the zoo's own trainer and compared with the shipped model of its spec.
 
     python docs/experiments/student_views.py           # about 22 min on 2 CPU cores

@@ -6,10 +6,10 @@
 
 Each recognizer takes the kit's face crops (``data.crop_face``: ``N x 3 x H x W`` in [0, 1], any
 side >= 32) and cuts the chip its network was trained on from them (``chip_box``, fractions of the
-crop's side; ``recognizer.face_chip``), in its own colour order and value range. ``dim`` is the
+crop's side; ``face_chip``), in its own colour order and value range. ``dim`` is the
 descriptor's length, ``input_size`` the chip's side.
 
-- ``dlib``: dlib's face ResNet (``toap_kit.recognizer``; 128-D; weights from the PyPI package
+- ``dlib``: dlib's face ResNet (ported in ``recognizers.dlib_resnet``; 128-D; weights from the PyPI package
   ``face-recognition-models``), the network of the kit's real engines ``dlib_itq_*``.
 - ``mobileface``: MobileFace (becauseofAI), 256-D at 112 px.
 - ``faceres``: HSE's MobileNet face descriptor (faceres, HSE-asavchenko), 1024-D at 224 px.
@@ -19,6 +19,11 @@ The last two are TF.js graph models from the npm package ``@vladmandic/human-mod
 trained by the kit or on its faces: they stand for the networks of crawlers the protector never
 ran. (``mobilefacenet``, in the same package, is left out: its TF.js conversion gives nearly the
 same embedding for every face.)
+
+The rooms: ``dlib_resnet`` (dlib's network in torch), ``tfjs`` (a TF.js graph reader, the ops
+these two graphs use), ``weights`` (where the fetched weights are), ``chips`` (where each
+network's chip is cut, by box or by dlib's landmarks) and ``hash_engine`` (``RecognizerHash``:
+an ITQ search engine on any of them, the zoo's real engines).
 """
 from __future__ import annotations
 
@@ -30,11 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import check_pixels
-from ..recognizer import DLIB_CHIP_BOX, aligned_chips, face_chip, load_dlib_resnet
+from .chips import DLIB_CHIP_BOX, aligned_chips, box_theta, chip_in_frame, face_chip, landmark_thetas
+from .dlib_resnet import DlibResNet, load_dlib_resnet
+from .hash_engine import RecognizerHash
 from .tfjs import TfjsGraph
 from .weights import model_files
 
-__all__ = ["NAMES", "NetworkSpec", "Recognizer", "SPECS", "TfjsDescriptor", "descriptor_distance", "load"]
+__all__ = ["DLIB_CHIP_BOX", "DlibResNet", "NAMES", "NetworkSpec", "Recognizer", "RecognizerHash", "SPECS", "TfjsDescriptor",
+           "aligned_chips", "box_theta", "chip_in_frame", "descriptor_distance", "face_chip", "landmark_thetas", "load",
+           "load_dlib_resnet"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class NetworkSpec:
     bgr: bool = False                         # channels in BGR order
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # subtracted from 0..255 values, in the graph's order
     cosine: bool = False                      # compared by cosine (descriptors unit-normalised first)
-    landmarks: bool = False                   # the chip follows dlib's 5 landmarks (``recognizer.aligned_chips``)
+    landmarks: bool = False                   # the chip follows dlib's 5 landmarks (``aligned_chips``)
     distance_scale: float = 1.0               # median distance of two training faces of different people
 
 

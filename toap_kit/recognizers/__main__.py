@@ -62,7 +62,7 @@ def distance_scale(name: str, e: np.ndarray, labels: np.ndarray, pairs: int = 20
 
 
 LANDMARK_CHIP = "dlib's 5 landmarks, aligned"
-"""The candidate chip cut where dlib's landmark alignment puts each face (``recognizer.aligned_chips``),
+"""The candidate chip cut where dlib's landmark alignment puts each face (``aligned_chips``),
 carried into the network's frame (its chip box relative to dlib's), instead of one fixed box."""
 
 

@@ -12,35 +12,21 @@ stride-2 max-pool; 14 residual blocks of two 3x3 convolutions, in stages of 32, 
 its shortcut is a 2x2 average pool; where the two branches differ in channels or size, the
 smaller one is zero-padded (at the end, as dlib adds them). Then global average pooling and a
 128-D linear layer without bias. dlib's batch norms are frozen into per-channel affine layers.
-
-``RecognizerHash`` is a face search engine built on it, the kit's *real-recognizer victim*:
-a fixed, differentiable face chip, the network, and an ITQ projection to ``bits`` pre-sign
-outputs, with the same interface as ``HashNet`` (``forward``, ``encode``, ``bits``).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
-
-import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import check_pixels as checked_pixels
-from .hashing import ITQ
-from .models import CodesMixin, check_pixels
-from .teacher import DLIB_WEIGHTS, FACE_BOX, model_dir, shape_predictor
+from ..teacher import DLIB_WEIGHTS, model_dir
 
-__all__ = ["CHIP_SIZE", "DLIB_CHIP_BOX", "DlibResNet", "RecognizerHash", "aligned_chips", "box_theta", "chip_in_frame",
-           "face_chip", "landmark_thetas", "load_dlib_resnet", "read_dlib_params"]
+__all__ = ["CHIP_SIZE", "DlibResNet", "load_dlib_resnet", "read_dlib_params"]
 
 CHIP_SIZE = 150
-DLIB_CHIP_BOX = (0.0945, 0.1583, 0.9188, 0.9826)
-"""Where dlib's landmark-aligned chip sits on average in the kit's face crops (mean over the
-training faces: the chip box of the ``dlib_itq_*`` engines' cards)."""
 # dlib's input layer subtracts these 0-255 channel means and divides by 256
 DLIB_RGB_MEAN = (122.782, 117.001, 104.298)
 # (channels, blocks, first block halves the resolution) of each stage
@@ -175,134 +161,3 @@ def load_dlib_resnet(path: str | Path | None = None) -> DlibResNet:
             aff.bias.copy_(b)
         net.fc.weight.copy_(torch.from_numpy(got["fc"][0]).T)
     return net.requires_grad_(False).eval()
-
-
-def face_chip(x: torch.Tensor, box: Sequence[float], size: int = CHIP_SIZE) -> torch.Tensor:
-    """Differentiable crop of ``box = (x0, y0, x1, y1)`` (fractions of the side; may reach
-    outside [0, 1], borders are repeated) from ``N x 3 x H x W`` [0, 1] images, resampled
-    bilinearly to ``N x 3 x size x size``."""
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected N x 3 x H x W pixels, got shape {tuple(x.shape)}")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {tuple(box)}")
-    theta = torch.tensor([[x1 - x0, 0.0, x0 + x1 - 1], [0.0, y1 - y0, y0 + y1 - 1]], dtype=x.dtype, device=x.device)
-    grid = F.affine_grid(theta.expand(len(x), 2, 3), [len(x), 3, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def landmark_thetas(faces: torch.Tensor, size: int = CHIP_SIZE, padding: float = 0.25) -> torch.Tensor:
-    """Where dlib's pipeline cuts its face chip in each face crop, as ``N x 2 x 3`` affine
-    matrices for ``F.affine_grid(..., align_corners=False)``.
-
-    dlib finds 5 landmarks (inside the kit's face box ``teacher.FACE_BOX`` of the crop), then
-    ``get_face_chip_details`` gives a rectangle and an angle: the chip is that rectangle,
-    rotated about its centre, sampled at ``size x size``. Sampling the crop through these
-    matrices (zeros outside, as dlib) reproduces ``dlib.get_face_chip`` to about half a grey
-    level, and is differentiable. ``faces``: ``N x 3 x H x W`` in [0, 1].
-    """
-    import dlib
-
-    faces = checked_pixels(faces, "faces", ndim=(4,))
-    predictor, (bx0, by0, bx1, by1) = shape_predictor(), FACE_BOX
-    arr = (faces.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    out = []
-    for a in arr:
-        h, w = a.shape[:2]
-        shape = predictor(np.ascontiguousarray(a), dlib.rectangle(int(bx0 * w), int(by0 * h), int(bx1 * w) - 1, int(by1 * h) - 1))
-        d = dlib.get_face_chip_details(shape, size, padding)
-        r, cos, sin = d.rect, math.cos(d.angle), math.sin(d.angle)
-        rot = np.array([[cos, -sin], [sin, cos]])
-        c = np.array([(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2])
-        ex = rot @ np.array([r.right() - r.left(), 0.0]) / (size - 1)  # one chip column, in crop pixels
-        ey = rot @ np.array([0.0, r.bottom() - r.top()]) / (size - 1)
-        # chip pixel (u, v) in [-1, 1] (align_corners=False) -> crop pixel c + u*size/2*ex + v*size/2*ey
-        m = np.stack([ex * size / 2, ey * size / 2, c + 0.5], 1) * (2 / np.array([[w], [h]]))
-        m[:, 2] -= 1
-        out.append(m)
-    return torch.tensor(np.array(out), dtype=torch.float32).reshape(-1, 2, 3)
-
-
-def box_theta(box, n: int) -> torch.Tensor:
-    """``N x 2 x 3`` matrices of the fixed chip ``box = (x0, y0, x1, y1)`` (fractions of the
-    side), the geometry of ``recognizer.face_chip`` (the kit's engines)."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return torch.tensor([[x1 - x0, 0.0, x0 + x1 - 1], [0.0, y1 - y0, y0 + y1 - 1]]).expand(n, 2, 3).clone()
-
-
-def chip_in_frame(theta: torch.Tensor, box_from, box_to) -> torch.Tensor:
-    """``N x 2 x 3`` chips ``theta`` cut in the frame of the fixed chip ``box_from``, moved to
-    where ``box_to`` sits relative to it: ``theta o B_from^-1 o B_to`` (each network's chip
-    from dlib's landmark-aligned one, whose mean frame is ``DLIB_CHIP_BOX``)."""
-    b_from, b_to = box_theta(box_from, 1)[0].double(), box_theta(box_to, 1)[0].double()
-    rel = torch.linalg.solve(b_from[:, :2], torch.cat([b_to[:, :2], (b_to[:, 2] - b_from[:, 2])[:, None]], 1))
-    t = theta.double()
-    return torch.cat([t[:, :, :2] @ rel[:, :2], t[:, :, :2] @ rel[:, 2:] + t[:, :, 2:]], 2).float()
-
-
-def aligned_chips(x: torch.Tensor, box: Sequence[float], size: int) -> torch.Tensor:
-    """``N x 3 x size x size`` chips of ``N x 3 x H x W`` [0, 1] face crops cut by dlib's 5
-    landmarks (``landmark_thetas``), carried into the frame of ``box`` (where the chip sits
-    relative to dlib's mean chip ``DLIB_CHIP_BOX``). Differentiable in ``x``; the landmarks
-    are found on ``x`` as given (not differentiated)."""
-    theta = chip_in_frame(landmark_thetas(x), DLIB_CHIP_BOX, box).to(x)
-    grid = F.affine_grid(theta, [len(x), 3, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-class RecognizerHash(CodesMixin, nn.Module):
-    """A hash search engine on a real recognizer: ``face_chip`` -> descriptor network -> ITQ.
-
-    Args:
-        bits: code length.
-        chip_box: the face chip inside the kit's face crops (see ``teacher.Recognizer.chip_box``).
-        input_size: side of the face crops it is meant for (the kit's crops: 112); inputs of
-            any size >= 32 work, the chip is resampled from them.
-        net: the descriptor network: ``N x 3 x S x S`` chips in [0, 1] -> ``N x net.dim``, with
-            attributes ``name``, ``dim`` and ``input_size`` (``S``): ``DlibResNet`` (the default,
-            ``load_dlib_resnet()``) or the ``net`` of a ``recognizers.load(name)``.
-        aligned: cut the chip where dlib's 5 landmarks put each face (``aligned_chips``), not
-            at the fixed box.
-
-    ``forward(x)`` gives ``N x bits`` pre-sign outputs ``(net(chip(x)) - center) @ projection``;
-    ``encode`` their signs. ``center`` and ``projection`` are fitted by ``fit_itq``.
-    ``backbone_name``: ``dlib_resnet`` for dlib's network (the class's), else the network's name.
-    """
-
-    backbone_name = "dlib_resnet"
-
-    def __init__(self, bits: int, chip_box: Sequence[float], input_size: int = 112, net: nn.Module | None = None,
-                 aligned: bool = False):
-        super().__init__()
-        self.aligned = aligned
-        self.net = net or load_dlib_resnet()
-        dim = self.net.dim
-        if bits < 1 or bits > dim:
-            raise ValueError(f"bits must be in 1..{dim} (the descriptor has {dim} dimensions), got {bits}")
-        self.bits, self.input_size, self.chip_box = bits, input_size, tuple(float(v) for v in chip_box)
-        self.network = self.net.name
-        if self.network != "dlib":
-            self.backbone_name = self.network
-        self.register_buffer("center", torch.zeros(dim))
-        self.register_buffer("projection", torch.zeros(dim, bits))
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's ``N x dim`` descriptors of ``N x 3 x H x W`` [0, 1] face crops."""
-        check_pixels(x)
-        cut = aligned_chips if self.aligned else face_chip
-        return self.net(cut(x, self.chip_box, self.net.input_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-sign outputs ``u``, ``N x bits``, of pixels ``x`` in [0, 1]."""
-        return (self.embed(x) - self.center) @ self.projection
-
-    def fit_itq(self, descriptors: torch.Tensor, seed: int = 0) -> "RecognizerHash":
-        """Fit the hash layer by ITQ (``hashing.ITQ``) on ``N x dim`` descriptors."""
-        itq = ITQ(self.bits, seed=seed).fit(descriptors.float().numpy())
-        self.center.copy_(torch.from_numpy(itq.mean))
-        self.projection.copy_(torch.from_numpy(itq.pca @ itq.rotation))
-        return self
-
-    def head(self) -> dict[str, torch.Tensor]:
-        """The fitted tensors (what the zoo stores; the network comes from its package)."""
-        return {"center": self.center, "projection": self.projection}
