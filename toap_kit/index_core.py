@@ -305,11 +305,13 @@ class FaceIndex(abc.ABC):
         if self._max_limit is not None and k > self._max_limit:
             raise ValueError(f"k must be at most {self._max_limit} on this backend, got {k}")
         q = as_codes(queries, self.bits, "queries")
-        n = len(self)
-        k = min(int(k), n)
+        # the most one raw search returns: every row (FAISS), or the server's limit. A server's
+        # exact row count is a count(*) query that at a million rows costs more than the search
+        # itself, so it is not asked: a query that gets fewer than k rows has them all (trimmed below)
+        cap = len(self) if self._max_limit is None else self._max_limit
+        k = min(int(k), cap)
         if k == 0 or len(q) == 0:
             return Hits(np.zeros((len(q), k), np.int32), np.zeros((len(q), k), np.int64), [[] for _ in q])
-        cap = n if self._max_limit is None else min(n, self._max_limit)
         out_d = np.full((len(q), k), -1, np.int32)
         out_i = np.full((len(q), k), -1, np.int64)
         todo, limit, cut_short = np.arange(len(q)), min(cap, max(2 * k, k + 32)), 0
@@ -322,8 +324,12 @@ class FaceIndex(abc.ABC):
             settled = (limit >= cap) | (d[:, -1] > d[:, k - 1]) | (i[:, -1] < 0)
             out_d[todo[settled]] = np.where(i[settled, :k] < 0, -1, d[settled, :k])
             out_i[todo[settled]] = i[settled, :k]
-            cut_short += int((settled & (limit >= cap) & (limit < n) & (d[:, -1] == d[:, k - 1])).sum())
+            if self._max_limit is not None:  # a full page at the limit: rows past it are not seen
+                cut_short += int((settled & (limit >= cap) & (i[:, -1] >= 0) & (d[:, -1] == d[:, k - 1])).sum())
             todo, limit = todo[~settled], min(cap, 2 * limit)
+        filled = int((out_i >= 0).sum(1).max())
+        if filled < k:  # fewer rows than k: every query got all of them
+            out_d, out_i = out_d[:, :filled], out_i[:, :filled]
         if cut_short:
             log.warning("%d queries have a tie group at the k-th distance longer than the backend returns (%d): "
                         "it is cut where the backend cut it", cut_short, cap)
