@@ -34,3 +34,12 @@ def test_perturbation_figure_amplifies_and_checks_its_input():
         plots.perturbation_figure(delta[0], eps)
     with pytest.raises(ValueError, match="eps"):
         plots.perturbation_figure(delta, 0.0)
+
+
+def test_face_grid_lays_its_title_out_above_the_tiles():
+    fig = plots.face_grid(torch.rand(3, 3, 8, 8), ["a", "b", "c"], ncols=2, title="three faces")
+    assert fig._suptitle.get_text() == "three faces" and [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"]
+    fig.canvas.draw()
+    top_of_tiles = max(ax.title.get_window_extent().y1 for ax in fig.axes[:2])
+    assert fig._suptitle.get_window_extent().y0 >= top_of_tiles, "the title overlaps the tiles' titles"
+    plt.close(fig)

@@ -16,8 +16,9 @@ def _hwc(img: torch.Tensor) -> np.ndarray:
 
 
 def face_grid(images: torch.Tensor, titles: Sequence[str] | None = None, ncols: int = 8,
-              size: float = 1.4) -> plt.Figure:
-    """A grid of ``N x 3 x H x W`` [0, 1] images with optional titles."""
+              size: float = 1.4, title: str | None = None) -> plt.Figure:
+    """A grid of ``N x 3 x H x W`` [0, 1] images with optional titles, and the figure's ``title``
+    (laid out with the grid, above the images' titles)."""
     n = len(images)
     nrows = max(1, -(-n // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * (size + 0.25)), squeeze=False)
@@ -27,6 +28,8 @@ def face_grid(images: torch.Tensor, titles: Sequence[str] | None = None, ncols: 
             ax.imshow(_hwc(images[k]))
             if titles is not None:
                 ax.set_title(titles[k], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -55,9 +58,11 @@ def retrieval_gallery(query: torch.Tensor, db_images: torch.Tensor, order: Seque
     return fig
 
 
-def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
-    """Precision-recall curves, one per name: ``{name: (precision, recall)}``."""
+def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str | None = None) -> plt.Figure:
+    """Precision-recall curves, one per name: ``{name: (precision, recall)}``, under ``title``."""
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    if title:
+        ax.set_title(title, fontsize=9)
     for name, (p, r) in curves.items():
         ax.plot(r, p, marker=".", label=name)
     ax.set_xlabel("recall")
