@@ -4,7 +4,7 @@
     toap protect INPUT... -o OUTDIR --refine [STEPS]       # each face refined against dlib's network
     toap verify ORIGINAL UPLOADED [--json]                  # the copy downloaded back from a platform
     toap verify ORIGINAL PROTECTED --simulate facebook      # a platform profile applied here
-    toap crawl FOLDER --index outputs/faces.db [--engine NAME] [--label-from-folder] [--prune]
+    toap crawl FOLDER --index outputs/faces.db [--engine NAME] [--label-from-folder] [--prune] [--shard I/N]
     toap search PHOTO --index outputs/faces.db [--k 10] [--json]
 
 ``protect`` writes protected copies under OUTDIR keeping names and formats (JPEG at quality 95,
@@ -106,6 +106,18 @@ def _networks(text: str) -> tuple[str, ...]:
     return nets
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """An argparse ``type``: ``I/N``, whole numbers with 0 <= I < N <= 1024."""
+    i, _, n = text.partition("/")
+    try:
+        shard = (int(i), int(n))
+    except ValueError:
+        shard = None
+    if shard is None or not 0 <= shard[0] < shard[1] <= 1024:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N <= 1024 (e.g. 0/4), got {text!r}")
+    return shard
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="toap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -178,6 +190,10 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("--verify-sha", action="store_true",
                     help="compare the sha256 of every indexed file (default: only of files whose size is the "
                          "same but whose modification or change time moved)")
+    cr.add_argument("--shard", type=_shard, metavar="I/N",
+                    help="be crawler I of N writing to one Milvus server at once: only the files whose path "
+                         "hashes to I, row ids from the shard's own block (the index must exist: make it with "
+                         "one crawl without --shard)")
     cr.add_argument("--no-progress", action="store_true", help="no progress bar")
     cr.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     cr.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -203,7 +219,8 @@ def crawl_help() -> str:
             "--label-from-folder, identity. A rerun skips the files already indexed (same relative path, size, "
             "modification and change time; where only the times moved, the sha256 decides) and indexes changed "
             "ones again; the index remembers its engine. Indexed files gone from FOLDER are counted (--prune "
-            "removes their faces). One crawl at a time per index (PATH.lock next to a file index).")
+            "removes their faces). One crawl at a time per index (PATH.lock next to a file index); on a Milvus "
+            "server, N crawlers at once with --shard 0/N ... N-1/N.")
 
 
 def protect_help() -> str:
@@ -337,7 +354,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_crawl(args: argparse.Namespace) -> int:
     s = crawl.crawl_folder(args.folder, args.index, args.engine, label_from_folder=args.label_from_folder,
                            progress=not (args.no_progress or args.quiet or args.json), prune=args.prune,
-                           verify_sha=args.verify_sha)
+                           verify_sha=args.verify_sha, shard=args.shard)
     if args.json:
         print(json.dumps(s, indent=1))
     elif not args.quiet:

@@ -43,6 +43,14 @@ a FAISS file or Milvus Lite folder) from before it opens the index to the end; a
 or a search, into the same index is refused at once with "index in use by another run (pid N)".
 A Milvus server has no lock file (two crawls into one collection are the user's to avoid).
 
+**Several crawlers, one server** (``shard=(i, n)``, ``toap crawl --shard i/n``): crawler ``i``
+of ``n`` reads only the files whose path (relative to the folder) hashes to ``i``
+(``in_shard``), reports and prunes only those, and takes its row ids from its own block
+(``index.MilvusIndex.use_shard``), so ``n`` processes, on one machine or several, crawl one
+folder tree into one collection at once and together index what one crawl would. Only for a
+Milvus server (a FAISS file or Milvus Lite has one writer), into an index that exists (one
+crawl without ``--shard`` makes it: the shards could otherwise race to create it).
+
 **Checked before any work** (``index.check_location``): a folder or file in the way of the index,
 a plain file where Milvus Lite keeps its folder, a folder that cannot be written: one line, and
 no photo is read.
@@ -61,6 +69,7 @@ the index's engine) and lists each face's top k by Hamming distance, ties by row
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -77,7 +86,7 @@ from . import index as face_index
 from .data import sha256_file
 from .index import shown
 
-__all__ = ["crawl_folder", "crawl_summary", "search_photo"]
+__all__ = ["crawl_folder", "crawl_summary", "in_shard", "search_photo"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +116,27 @@ def _encode(engine_name: str, crops: torch.Tensor) -> np.ndarray:
         return model(engine_name).encode(crops).numpy().astype(np.int8)
 
 
+def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
+    """Whether the file ``key`` (its path relative to the crawled folder) is shard ``(i, n)``'s:
+    the first 8 bytes of the sha256 of its name, modulo ``n``, are ``i`` (every key, for None)."""
+    if shard is None:
+        return True
+    i, n = shard
+    return int.from_bytes(hashlib.sha256(os.fsencode(key)).digest()[:8], "big") % n == i
+
+
+def _check_shard(shard: tuple[int, int] | None, uri: str) -> None:
+    if shard is None:
+        return
+    whole = isinstance(shard, tuple) and len(shard) == 2 and all(type(v) is int for v in shard)
+    if not whole or not 0 <= shard[0] < shard[1] <= 1024:
+        raise protect.ProtectError(f"--shard must be I/N with 0 <= I < N <= 1024, got {shard!r}")
+    if _index_call(face_index.parse_uri, uri).kind != "milvus-server":
+        raise protect.ProtectError(f"--shard: {shown(str(uri))} is not a Milvus server; only a server "
+                                   "(http://HOST:19530) takes several crawlers at once (a FAISS file or Milvus "
+                                   "Lite index has one writer)")
+
+
 def _check_engine(name: str) -> str:
     from . import zoo
 
@@ -115,15 +145,22 @@ def _check_engine(name: str) -> str:
     return name
 
 
-def _open_for_crawl(uri: str, engine_name: str | None) -> face_index.FaceIndex:
-    """The index at ``uri`` (its engine checked against ``engine_name``), or a new one."""
+def _open_for_crawl(uri: str, engine_name: str | None, shard: tuple[int, int] | None = None) -> face_index.FaceIndex:
+    """The index at ``uri`` (its engine checked against ``engine_name``), or a new one; with
+    ``shard``, an existing one taking ids from the shard's block."""
     from .engine import DEFAULT_ENGINE, model
 
     try:
-        return _index_call(face_index.open_index, uri, engine=engine_name and _check_engine(engine_name))
+        ix = _index_call(face_index.open_index, uri, engine=engine_name and _check_engine(engine_name))
     except FileNotFoundError:
+        if shard is not None:
+            raise protect.ProtectError(f"--shard: no face index at {shown(str(uri))} yet: make it with one crawl "
+                                       "without --shard (of an empty folder, say), then start the shards") from None
         name = _check_engine(engine_name or DEFAULT_ENGINE)
         return _index_call(face_index.open_index, uri, bits=model(name).bits, engine=name)
+    if shard is not None:
+        ix.use_shard(shard[0])
+    return ix
 
 
 def _index_call(f, uri: str, **kw):
@@ -176,33 +213,38 @@ def _prepare_location(uri: str) -> None:
                                        f"{e.strerror or e}") from None
 
 
-def _scanned(folder: Path, index_uri: str) -> tuple[list[tuple[Path, str]], list[dict], set[str], list[str]]:
+def _scanned(folder: Path, index_uri: str,
+             shard: tuple[int, int] | None = None) -> tuple[list[tuple[Path, str]], list[dict], set[str], list[str]]:
     """``batch._scan`` of ``folder`` (the index's own folder left out): ``(photos, failed,
     present, unreadable)``: the image files to read as ``(path, key)`` (key: the path relative to
     ``folder``), a ``failed`` row for every path that cannot be read, the keys of every path found
-    (read or not), and the keys of folders that could not be listed."""
+    (read or not), and the keys of folders that could not be listed (every shard's). With
+    ``shard``, only the files of that shard (``in_shard``)."""
     target = face_index.parse_uri(index_uri)
     skip = Path(target.location).resolve() if target.location and target.kind != "milvus-server" else Path("/")
     photos, failed, present, unreadable = [], [], set(), []
     for path, problem in batch._scan(folder, skip):
         rel = path.relative_to(folder).as_posix()
+        folder_problem = problem is not None and problem.startswith("cannot read this folder")
+        if not folder_problem and not in_shard(rel, shard):
+            continue
         present.add(rel)
         if problem is None:
             photos.append((path, rel))
             continue
-        if problem.startswith("cannot read this folder"):  # batch's words are for toap protect: this is a crawl
+        if folder_problem:  # batch's words are for toap protect: this is a crawl
             unreadable.append(rel)
             problem = problem.replace("are not protected", "are not indexed")
         failed.append({"path": shown(rel), "reason": shown(problem)})
     return photos, failed, present, unreadable
 
 
-def _missing(ix: face_index.FaceIndex, folder: Path, present: set[str],
-             unreadable: list[str]) -> tuple[list[str], int]:
-    """Keys of the files in the index's ledger that are gone from ``folder`` (not found by the
-    scan, not under a folder that could not be listed, and no longer there at all), and how many
-    files the ledger holds."""
-    known, gone = ix.files(), []
+def _missing(ix: face_index.FaceIndex, folder: Path, present: set[str], unreadable: list[str],
+             shard: tuple[int, int] | None = None) -> tuple[list[str], int]:
+    """Keys of the files in the index's ledger (of ``shard``'s, with one) that are gone from
+    ``folder`` (not found by the scan, not under a folder that could not be listed, and no longer
+    there at all), and how many files the ledger holds (of the shard's)."""
+    known, gone = [k for k in ix.files() if in_shard(k, shard)], []
     for key in known:
         if key in present or any(u == "." or key.startswith(u + "/") for u in unreadable):
             continue
@@ -213,7 +255,7 @@ def _missing(ix: face_index.FaceIndex, folder: Path, present: set[str],
 
 def crawl_folder(folder: str | Path, index_uri: str, engine_name: str | None = None, *,
                  label_from_folder: bool = False, progress: bool = True, save_every: int = 50,
-                 prune: bool = False, verify_sha: bool = False) -> dict:
+                 prune: bool = False, verify_sha: bool = False, shard: tuple[int, int] | None = None) -> dict:
     """Index every face of every photo under ``folder`` (``toap crawl``).
 
     Args:
@@ -228,6 +270,7 @@ def crawl_folder(folder: str | Path, index_uri: str, engine_name: str | None = N
         prune: remove the rows and ledger records of indexed files that are gone from ``folder``.
         verify_sha: compare the sha256 of every indexed file, not only of those whose
             modification or change time moved (module docstring).
+        shard: ``(i, n)``: crawler ``i`` of ``n`` into one Milvus server (module docstring).
 
     Returns:
         The summary: ``folder, index, engine, bits, photos`` (image files found), ``indexed``
@@ -236,12 +279,14 @@ def crawl_folder(folder: str | Path, index_uri: str, engine_name: str | None = N
         ones: files whose sha256 was compared), ``failed`` (``[{"path", "reason"}]``),
         ``missing`` (paths of indexed files gone from ``folder``), ``pruned`` (how many of
         them were removed, with ``pruned_faces`` faces), ``rows`` (faces in the index now),
-        ``seconds``. Paths are relative to ``folder``, as ``index.shown`` prints them.
+        ``seconds``, ``shard`` (``"i/n"``, or None). Paths are relative to ``folder``, as
+        ``index.shown`` prints them; with a shard, every count is of its files.
 
     Raises:
         ProtectError: ``folder`` is not a folder, an unknown engine, an in-memory index, a bad
             URI, an index built with another engine, an index location that cannot be used
-            (``index.check_location``), an index another run holds (``index.lock``).
+            (``index.check_location``), an index another run holds (``index.lock``), a bad
+            ``shard``, a shard of a FAISS or Milvus Lite index or of an index not made yet.
     """
     t0 = time.perf_counter()
     folder = Path(folder)
@@ -249,11 +294,12 @@ def crawl_folder(folder: str | Path, index_uri: str, engine_name: str | None = N
         raise protect.ProtectError(f"{shown(str(folder))}: not a folder")
     if engine_name is not None:
         _check_engine(engine_name)
+    _check_shard(shard, index_uri)
     _prepare_location(index_uri)
     with _held(index_uri, write=True):
-        ix = _open_for_crawl(index_uri, engine_name)
+        ix = _open_for_crawl(index_uri, engine_name, shard)
         try:
-            summary = _crawl(ix, folder, index_uri, label_from_folder, progress, save_every, prune, verify_sha)
+            summary = _crawl(ix, folder, index_uri, label_from_folder, progress, save_every, prune, verify_sha, shard)
         finally:
             ix.save()  # also after Ctrl-C: what was indexed is kept, the rerun resumes
             rows = len(ix)
@@ -264,16 +310,16 @@ def crawl_folder(folder: str | Path, index_uri: str, engine_name: str | None = N
 
 
 def _crawl(ix: face_index.FaceIndex, folder: Path, index_uri: str, label_from_folder: bool, progress: bool,
-           save_every: int, prune: bool, verify_sha: bool) -> dict:
+           save_every: int, prune: bool, verify_sha: bool, shard: tuple[int, int] | None = None) -> dict:
     """``crawl_folder``'s work on the open, locked index ``ix``: its summary without rows and seconds."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     summary = {"folder": shown(str(folder)), "index": shown(str(index_uri)), "engine": ix.engine, "bits": ix.bits,
                "photos": 0, "indexed": 0, "faces": 0, "no_face": [], "skipped": 0, "sha_checked": 0, "failed": [],
-               "missing": [], "pruned": 0, "pruned_faces": 0}
-    photos, summary["failed"], present, unreadable = _scanned(folder, index_uri)
-    missing, known = _missing(ix, folder, present, unreadable)
+               "missing": [], "pruned": 0, "pruned_faces": 0, "shard": f"{shard[0]}/{shard[1]}" if shard else None}
+    photos, summary["failed"], present, unreadable = _scanned(folder, index_uri, shard)
+    missing, known = _missing(ix, folder, present, unreadable, shard)
     summary["missing"] = [shown(k) for k in missing]
     if prune and missing and len(missing) == known and photos:
         raise protect.ProtectError(f"--prune: none of the {known} files in the index is under {shown(str(folder))}, "
@@ -347,7 +393,8 @@ def _crawl(ix: face_index.FaceIndex, folder: Path, index_uri: str, label_from_fo
 def crawl_summary(s: dict) -> str:
     """The crawl's summary for people."""
     gone = len(s["missing"])
-    lines = [f"{s['photos']} photos under {s['folder']}: {s['indexed']} indexed now ({s['faces']} faces), "
+    lines = [f"{s['photos']} photos under {s['folder']}{' in shard ' + s['shard'] if s.get('shard') else ''}: "
+             f"{s['indexed']} indexed now ({s['faces']} faces), "
              f"{s['skipped']} already indexed, {len(s['no_face'])} without a face, {len(s['failed'])} failed, "
              f"{gone} indexed files missing; index {s['index']}: {s['rows']} faces, engine {s['engine']} "
              f"({s['bits']} bits); {s['seconds']} s"]

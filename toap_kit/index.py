@@ -71,8 +71,10 @@ process is refused at once with ``IndexInUse`` ("index in use by another run (pi
 never beside a crawl), exclusive on Milvus Lite (it cannot be opened by two processes at once).
 The lock dies with its process, also under SIGKILL: a lock file left by a dead process (its pid
 still in it) is simply taken over; the file stays, locking nothing, after a run. A server URI
-has no lock file: a Milvus server takes concurrent clients, and two crawls into one collection
-are the user's to avoid. ``check_location(uri)`` says, before any work, why a file index cannot
+has no lock file: a Milvus server takes concurrent clients. Several crawlers write to one
+collection at once as shards (``toap crawl --shard i/n``: each its own files, by a hash of the
+path, and its own block of row ids, ``MilvusIndex.use_shard``); two crawls of one shard, or two
+unsharded crawls, into one collection are the user's to avoid. ``check_location(uri)`` says, before any work, why a file index cannot
 be used there (a file where a folder must be, a plain file where Milvus Lite keeps a folder, a
 folder that is not writable).
 
@@ -98,9 +100,9 @@ from urllib.parse import parse_qs
 
 from .index_core import FORMAT, FaceIndex, Hits, _check_bits, as_codes, shown
 from .index_faiss import FaissIndex
-from .index_milvus import DEFAULT_COLLECTION, MILVUS_MAX_LIMIT, MilvusIndex, check_collection
+from .index_milvus import DEFAULT_COLLECTION, ID_BLOCK, MILVUS_MAX_LIMIT, MilvusIndex, check_collection
 
-__all__ = ["DEFAULT_COLLECTION", "FORMAT", "FaceIndex", "FaissIndex", "Hits", "IndexInUse", "MILVUS_MAX_LIMIT",
+__all__ = ["DEFAULT_COLLECTION", "FORMAT", "FaceIndex", "FaissIndex", "Hits", "ID_BLOCK", "IndexInUse", "MILVUS_MAX_LIMIT",
            "MilvusIndex", "as_codes", "check_location", "lock", "lock_path", "open_index", "parse_uri", "shown"]
 
 log = logging.getLogger(__name__)

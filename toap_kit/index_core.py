@@ -171,7 +171,8 @@ class FaceIndex(abc.ABC):
     def _insert(self, codes: np.ndarray, ids: np.ndarray, meta: list[dict]) -> None: ...
 
     @abc.abstractmethod
-    def _delete(self, ids: list[int]) -> None: ...
+    def _delete(self, ids: list[int]) -> int:
+        """Remove the rows ``ids`` (those that exist); how many there were."""
 
     @abc.abstractmethod
     def _raw_search(self, codes: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -284,9 +285,7 @@ class FaceIndex(abc.ABC):
         for j in range(0, len(keys), 1000):
             found = self._ledger_get(keys[j:j + 1000])
             ids = [int(i) for r in found.values() for i in r.get("ids") or ()]
-            before = len(self)
-            self._delete(ids)
-            removed += before - len(self)
+            removed += self._delete(ids)
             self._ledger_delete(list(found))
         return removed
 

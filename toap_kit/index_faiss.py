@@ -139,11 +139,13 @@ class FaissIndex(FaceIndex):
         self._index.add_with_ids(packed, ids)
         self._rows.update({int(i): m for i, m in zip(ids, meta) if m})
 
-    def _delete(self, ids) -> None:
-        if ids:
-            self._index.remove_ids(np.asarray(ids, dtype=np.int64))
-            for i in ids:
-                self._rows.pop(int(i), None)
+    def _delete(self, ids) -> int:
+        if not ids:
+            return 0
+        removed = int(self._index.remove_ids(np.asarray(ids, dtype=np.int64)))
+        for i in ids:
+            self._rows.pop(int(i), None)
+        return removed
 
     def _raw_search(self, codes, limit):
         # A small search runs on one thread: OpenMP's start-up and spin-waits cost ~100 ms a call on a

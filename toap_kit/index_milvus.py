@@ -23,7 +23,7 @@ import numpy as np
 
 from .index_core import _VERSION, FaceIndex, _check_bits, shown
 
-__all__ = ["DEFAULT_COLLECTION", "MILVUS_MAX_LIMIT", "MilvusIndex"]
+__all__ = ["DEFAULT_COLLECTION", "ID_BLOCK", "MILVUS_MAX_LIMIT", "MilvusIndex"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ DEFAULT_COLLECTION = "faces"
 """Milvus collection of the face rows; the ledger is ``<collection>_files``."""
 MILVUS_MAX_LIMIT = 16384
 """Most results a Milvus server returns for one query (its ``topk`` limit)."""
+ID_BLOCK = 1 << 40
+"""Row ids come in blocks of this many: a crawler takes new ids from block 0, shard ``i`` of
+``toap crawl --shard i/n`` from block ``i + 1`` (``use_shard``), each with its own counter, so
+crawlers writing to one server at once never take the same id."""
 _INSERT_CHUNK = 10_000  # rows per Milvus insert (a gRPC message stays well under its size limit)
 _QUERY_CHUNK = 256      # queries per Milvus search call
 _NEXT_ID, _INFO = "/next_id", "/info"  # ledger keys of the index's own records (a relative path never starts with /)
@@ -136,6 +140,7 @@ class MilvusIndex(FaceIndex):
         from pymilvus.exceptions import MilvusException
 
         self._lite = None
+        self._block, self._next_key = 0, _NEXT_ID  # where new ids come from (``use_shard``)
         try:
             with _quiet("milvus_lite"):
                 self._client = MilvusClient(target, **kw)
@@ -235,10 +240,12 @@ class MilvusIndex(FaceIndex):
             c.load_collection(name)
 
     def _find_next(self, recorded: int) -> int:
-        """The next free row id: the recorded counter, past any row at or above it."""
-        nxt = recorded
+        """The next free row id of the current id block: the recorded counter, past any row of
+        the block at or above it."""
+        nxt, end = max(recorded, self._block * ID_BLOCK), (self._block + 1) * ID_BLOCK
         while True:
-            rows = self._client.query(self._coll, filter=f"id >= {nxt}", output_fields=["id"], limit=MILVUS_MAX_LIMIT)
+            rows = self._client.query(self._coll, filter=f"id >= {nxt} and id < {end}", output_fields=["id"],
+                                      limit=MILVUS_MAX_LIMIT)
             if not rows:
                 return nxt
             nxt = max(int(r["id"]) for r in rows) + 1
@@ -249,11 +256,23 @@ class MilvusIndex(FaceIndex):
             return int(rows[0]["count(*)"])
         return int(self._client.get_collection_stats(self._coll)["row_count"])
 
+    def use_shard(self, i: int) -> None:
+        """Take new row ids from shard ``i``'s own block and counter (``ID_BLOCK``): for one of
+        several crawlers writing to this server at once (``toap crawl --shard i/n``)."""
+        if not self.server:
+            raise ValueError(f"{self.uri}: only a Milvus server takes several crawlers at once")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (1 << 62) // ID_BLOCK - 1:
+            raise ValueError(f"shard must be an integer in 0..{(1 << 62) // ID_BLOCK - 2}, got {i!r}")
+        self._block, self._next_key = i + 1, f"{_NEXT_ID}/{i}"
+        self._next = self._find_next(int(self._ledger_get([self._next_key]).get(self._next_key, {}).get("value", 0)))
+
     def _reserve(self, n: int) -> np.ndarray:
+        if self._next + n > (self._block + 1) * ID_BLOCK:
+            raise RuntimeError(f"{self.uri}: id block {self._block} is full")
         ids = np.arange(self._next, self._next + n, dtype=np.int64)
         self._next += n
         if n:
-            self._ledger_put({_NEXT_ID: {"value": self._next}})
+            self._ledger_put({self._next_key: {"value": self._next}})
         return ids
 
     def _vectors(self, codes: np.ndarray) -> list:
@@ -274,9 +293,19 @@ class MilvusIndex(FaceIndex):
                     for i, v, m in zip(ids[j:j + _INSERT_CHUNK], vec, meta[j:j + _INSERT_CHUNK])]
             self._client.insert(self._coll, rows)
 
-    def _delete(self, ids) -> None:
+    def _delete(self, ids) -> int:
+        # a server: the rows present are counted with Strong consistency (rows another crawler, or an
+        # earlier run, inserted count too), and a Strong read after the deletes waits until they show:
+        # a delete does not move this client's Session timestamp, so later reads could still see the rows
+        strong, removed = {"consistency_level": "Strong"} if self.server else {}, 0
         for j in range(0, len(ids), 1000):
-            self._client.delete(self._coll, filter=f"id in {_quote(ids[j:j + 1000])}")
+            chunk = _quote(ids[j:j + 1000])
+            removed += int(self._client.query(self._coll, filter=f"id in {chunk}", output_fields=["count(*)"],
+                                              **strong)[0]["count(*)"])
+            self._client.delete(self._coll, filter=f"id in {chunk}")
+        if self.server and ids:
+            self._client.query(self._coll, filter=f"id in {_quote(ids[:1])}", output_fields=["id"], **strong)
+        return removed
 
     def _raw_search(self, codes, limit):
         params = {"metric_type": "HAMMING" if self.server else "IP"}
