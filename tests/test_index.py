@@ -5,7 +5,6 @@ starts one from the ``milvus`` wheel (``conftest.milvus_server``), or ``TOAP_MIL
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -322,16 +321,11 @@ def test_a_milvus_server(data, milvus_uri):
 def _server_collection(uri):
     """A fresh collection name on the server at ``uri``, dropped afterwards (with its ledger), so a
     run against an external server (``TOAP_MILVUS_URI``) leaves nothing there."""
-    from pymilvus import MilvusClient
-
     name = f"toap_test_{uuid.uuid4().hex[:8]}"
     try:
         yield name
     finally:
-        client = MilvusClient(uri, token=os.environ.get("TOAP_MILVUS_TOKEN", ""))
-        for c in (name, f"{name}_files"):
-            client.drop_collection(c)
-        client.close()
+        X.drop_index(uri, name)
 
 
 def test_a_milvus_server_replaces_a_files_rows(data, milvus_uri):

@@ -45,8 +45,8 @@ top k: the k smallest by (distance, id). Hamming distances tie constantly, and b
 tie however they like (and may cut a tie group at the k-th place differently), so ``search``
 asks the backend for more than k (2k, at least k + 32, doubling while the last one returned is still
 at the k-th distance), sorts by (distance, id) and cuts: among the items tied at the k-th
-distance the lowest ids are kept, on every backend. The only exception is a Milvus server's
-cap of ``MILVUS_MAX_LIMIT`` = 16,384 results a query: a tie group at the k-th distance reaching
+distance the lowest ids are kept, on every backend. The only exception is Milvus's (a server's
+and Lite's) cap of ``MILVUS_MAX_LIMIT`` = 16,384 results a query: a tie group at the k-th distance reaching
 past it is cut where the server cut it (logged as a warning). An IVF index is approximate:
 the distances it returns are exact, but a near code in a list it did not probe is missed (and a
 query may get fewer than k: id -1 and distance -1 there). None of the kit's metrics reads a
@@ -100,10 +100,11 @@ from urllib.parse import parse_qs
 
 from .index_core import FORMAT, FaceIndex, Hits, _check_bits, as_codes, shown
 from .index_faiss import FaissIndex
-from .index_milvus import DEFAULT_COLLECTION, ID_BLOCK, MILVUS_MAX_LIMIT, MilvusIndex, check_collection
+from .index_milvus import DEFAULT_COLLECTION, ID_BLOCK, MILVUS_MAX_LIMIT, MilvusIndex, check_collection, drop_index
 
 __all__ = ["DEFAULT_COLLECTION", "FORMAT", "FaceIndex", "FaissIndex", "Hits", "ID_BLOCK", "IndexInUse", "MILVUS_MAX_LIMIT",
-           "MilvusIndex", "as_codes", "check_location", "lock", "lock_path", "open_index", "parse_uri", "shown"]
+           "MilvusIndex", "as_codes", "check_location", "drop_index", "lock", "lock_path", "open_index", "parse_uri",
+           "shown"]
 
 log = logging.getLogger(__name__)
 

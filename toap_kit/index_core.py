@@ -304,9 +304,9 @@ class FaceIndex(abc.ABC):
         if self._max_limit is not None and k > self._max_limit:
             raise ValueError(f"k must be at most {self._max_limit} on this backend, got {k}")
         q = as_codes(queries, self.bits, "queries")
-        # the most one raw search returns: every row (FAISS), or the server's limit. A server's
-        # exact row count is a count(*) query that at a million rows costs more than the search
-        # itself, so it is not asked: a query that gets fewer than k rows has them all (trimmed below)
+        # the most one raw search returns: every row (FAISS), or Milvus's limit. Milvus's row count
+        # costs as much as a search or more (a server's is a count(*) query), so it is not asked: a
+        # query that gets fewer than k rows has them all (trimmed below)
         cap = len(self) if self._max_limit is None else self._max_limit
         k = min(int(k), cap)
         if k == 0 or len(q) == 0:
