@@ -5,7 +5,7 @@
     python -m toap_kit.bench cg [--json]          # Compression Generator fidelity to real codecs
     python -m toap_kit.bench toap [--json]        # TOAP vs baselines, every tier (``make results``)
     python -m toap_kit.bench protect [--json]     # ``toap protect``/``verify`` speed, the odd-input corpus
-    python -m toap_kit.bench scale [--json]       # FAISS vs Milvus Lite to 1M codes; protection among 1M strangers
+    python -m toap_kit.bench scale [--json]       # FAISS, Milvus Lite, a Milvus server to 1M codes; protection among 1M strangers; crawl throughput
 
 Every number is measured on the shipped data with the shipped models, on the open-set
 protocol (``toap_kit.data.make_protocol``) unless a column says closed-set.

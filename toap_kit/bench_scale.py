@@ -39,9 +39,13 @@ Two measurements (``bench_scale``):
    (issue 18, ``toap protect --refine``: ``results.refined``, cached in ``outputs/results/refined``,
    the same faces and cache as the results run's ``refine-mid`` rows).
 
+3. **Crawl** (``crawl``, ``bench_crawl``): the crawler's throughput into a Milvus server, one
+   crawler and two shards at once (``toap crawl --shard``), and where a face's time goes.
+
 ``python -m toap_kit.bench scale`` writes ``results/scale.json``, ``results/scale.png`` (the
-curves) and the README's tables (``update_readme``); ``--parts backends`` or ``--parts protection`` reruns one part and keeps the other's
-rows from the existing ``scale.json`` (each part records when it was measured).
+curves), the README's tables (``update_readme``) and ``docs/deploy.md``'s crawl table;
+``--parts backends`` (or ``protection``, ``crawl``) reruns one part and keeps the others' rows
+from the existing ``scale.json`` (each part records when it was measured).
 """
 from __future__ import annotations
 
@@ -61,13 +65,14 @@ from tqdm.auto import tqdm
 
 from . import crowd, engine, results, retrieval, toap
 from . import index as face_index
+from .bench_crawl import bench_crawl
 from .perturbation import Perturbation
 
-__all__ = ["BACKENDS", "PARTS", "PROTECTION_M", "README_BEGIN", "README_END", "bench_scale", "histogram_metrics",
-           "ivf_lists", "markdown", "readme_block", "recall_at_k", "run_scale", "scale_figure", "update_readme",
-           "write_scale"]
+__all__ = ["BACKENDS", "DEPLOY_BEGIN", "DEPLOY_END", "PARTS", "PROTECTION_M", "README_BEGIN", "README_END", "bench_scale",
+           "crawl_markdown", "deploy_block", "histogram_metrics", "ivf_lists", "markdown", "readme_block", "recall_at_k",
+           "run_scale", "scale_figure", "update_readme", "write_scale"]
 
-PARTS = ("backends", "protection")
+PARTS = ("backends", "protection", "crawl")
 BACKENDS = ("faiss", "milvus-lite", "milvus-server", "milvus-server-ivf")
 """The backends part's rows at each size, FAISS first (the reference)."""
 BATCH = 100
@@ -173,15 +178,6 @@ def _client(uri: str):
     return MilvusClient(uri, token=os.environ.get("TOAP_MILVUS_TOKEN", ""))
 
 
-def _drop(uri: str, name: str) -> None:
-    client = _client(uri)
-    try:
-        for c in (name, f"{name}_files"):
-            client.drop_collection(c)
-    finally:
-        client.close()
-
-
 def _index_built(uri: str, name: str, timeout_s: float = _INDEX_WAIT_S) -> None:
     """Wait until the server has built the index of every row of ``name`` (at most ``timeout_s``),
     then release and load the collection, so that searches run on the built index."""
@@ -217,11 +213,11 @@ def _server_row(milvus, backend: str, n: int):
         uri = server if isinstance(server, str) else server.uri
         proc = None if isinstance(server, str) else psutil.Process(server.pid)
         name = f"toap_bench_{backend.replace('-', '_')}_{n}"
-        _drop(uri, name)
+        face_index.drop_index(uri, name)
         try:
             yield uri, name, proc
         finally:
-            _drop(uri, name)
+            face_index.drop_index(uri, name)
     finally:
         if local is not None:
             local.stop()
@@ -386,13 +382,16 @@ def _bench_protection(engines, ms, seed: int, perturbation: str, refine_steps: i
 @torch.no_grad()
 def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: int = 10, seed: int = 0,
                 protection_m=PROTECTION_M, engines=crowd.ENGINES, perturbation: str = "toap-mid",
-                refine_steps: int | None = None, parts=PARTS, backends=BACKENDS, milvus=None) -> dict:
+                refine_steps: int | None = None, parts=PARTS, backends=BACKENDS, milvus=None,
+                crawl_copies: int = 20) -> dict:
     """The measured ``parts`` (module docstring) as one dict (the ``--json`` contract):
-    ``backends`` (one row per size and backend in ``backends``) and ``protection`` (one row per
+    ``backends`` (one row per size and backend in ``backends``), ``protection`` (one row per
     engine, query kind and ``m``; ``refine_steps``: the refinement's steps, default
-    ``refine.DEFAULT_STEPS``); a part not asked for is an empty list. ``measured`` gives each
-    part's UTC time. ``milvus``: the server of the server rows, a ``milvus_server.LocalServer``
-    or a URI (its memory then not measured); None: a fresh local server for each row."""
+    ``refine.DEFAULT_STEPS``) and ``crawl`` (``bench_crawl`` on ``crawl_copies`` copies of the
+    shipped photos); a part not asked for is empty. ``measured`` gives each part's UTC time.
+    ``milvus``: the server of the server rows and the crawl, a ``milvus_server.LocalServer`` or a
+    URI (its memory then not measured); None: a fresh local server for each row, and one for the
+    crawl."""
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
@@ -401,7 +400,7 @@ def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: in
            "crowd_model": crowd.DEFAULT_MODEL,
            "database": "2k real + m simulated: the shipped open-set database (the evaluation identities' 775 "
                        "photos + 2,000 real distractors) + the first m simulated strangers",
-           "perturbation": perturbation, "backends": [], "protection": [], "measured": {}, "seconds": {}}
+           "perturbation": perturbation, "backends": [], "protection": [], "crawl": {}, "measured": {}, "seconds": {}}
     if "backends" in parts:
         t = time.perf_counter()
         out["backends"], out["seconds"]["simulate_max_size"] = _bench_backends(sizes, n_queries, k, seed,
@@ -411,6 +410,10 @@ def bench_scale(sizes=(10_000, 100_000, 1_000_000), n_queries: int = 1000, k: in
         t = time.perf_counter()
         out["protection"] = _bench_protection(engines, protection_m, seed, perturbation, refine_steps)
         out["seconds"]["protection"], out["measured"]["protection"] = time.perf_counter() - t, now
+    if "crawl" in parts:
+        t = time.perf_counter()
+        out["crawl"] = bench_crawl(crawl_copies, milvus=milvus)
+        out["seconds"]["crawl"], out["measured"]["crawl"] = time.perf_counter() - t, now
     return out
 
 
@@ -484,11 +487,16 @@ def run_scale(parts: list[str] | None = None) -> dict:
     write_scale(r)
     merged = json.loads((results.RESULTS_DIR / "scale.json").read_text())
     update_readme(merged)
+    if merged.get("crawl"):
+        results.replace_block(DEPLOY, DEPLOY_BEGIN, DEPLOY_END, deploy_block(merged))
     return merged
 
 
 README_BEGIN = "<!-- bench scale: begin (generated from results/scale.json by toap_kit.bench_scale.update_readme) -->"
 README_END = "<!-- bench scale: end -->"
+DEPLOY = results.RESULTS_DIR.parent / "docs" / "deploy.md"
+DEPLOY_BEGIN = "<!-- bench crawl: begin (generated from results/scale.json by toap_kit.bench_scale.run_scale) -->"
+DEPLOY_END = "<!-- bench crawl: end -->"
 
 
 def markdown(r: dict) -> str:
@@ -529,6 +537,23 @@ def markdown(r: dict) -> str:
             out.append(f"| `{name}` | {kind} | {tier} | {maps} | "
                        f"{by[top]['p_10']:.3f} | {by[sizes[0]]['median_first_rank']:,.1f} / "
                        f"{by[top]['median_first_rank']:,.1f} |")
+    if r.get("crawl"):
+        out += ["", crawl_markdown(r["crawl"])]
+    return "\n".join(out)
+
+
+def crawl_markdown(c: dict) -> str:
+    """The crawl part's table (``bench_crawl``): faces a second by number of shards, and where a
+    face's time goes in one crawler."""
+    ph = c["phases"]
+    out = ["| crawlers at once (`--shard i/N`) | photos | faces | wall (s) | faces/s |", "|---|---|---|---|---|"]
+    out += [f"| {r['shards']} | {r['photos']:,} | {r['faces']:,} | {r['wall_s']:.1f} | {r['faces_per_s']:.1f} |"
+            for r in c["runs"]]
+    out += ["", f"{c['photos']:,} photos ({c['copies']} copies of the 23 shipped 250 x 250 photos), engine "
+                f"`{c['engine']}`, {c['cpus']} CPUs, into a Milvus server; wall time from the start of the "
+                f"processes to the last exit, start-up included (one process: {c['startup_s']:.1f} s). One crawler, a "
+                f"face: read {ph['read_ms_per_face']:.1f} ms, detect {ph['detect_ms_per_face']:.1f} ms, encode "
+                f"{ph['encode_ms_per_face']:.1f} ms, insert {ph['insert_ms_per_face']:.1f} ms."]
     return "\n".join(out)
 
 
@@ -542,6 +567,11 @@ def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 def readme_block(r: dict) -> str:
     """``markdown(r)`` between the README's markers."""
     return f"{README_BEGIN}\n\n{markdown(r)}\n\n{README_END}"
+
+
+def deploy_block(r: dict) -> str:
+    """``crawl_markdown`` of ``r``'s crawl part between docs/deploy.md's markers."""
+    return f"{DEPLOY_BEGIN}\n\n{crawl_markdown(r['crawl'])}\n\n{DEPLOY_END}"
 
 
 def update_readme(r: dict, path: Path = results.RESULTS_DIR.parent / "README.md") -> bool:
