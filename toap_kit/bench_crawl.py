@@ -12,7 +12,9 @@ path of its own to the crawler (the bytes, and the work on them, are those of re
 - **Wall time** (``runs``): for each number of shards ``S``, a fresh collection made by one
   ``toap crawl`` of an empty folder, then ``S`` processes ``toap crawl FOLDER --shard i/S`` started
   at once; from the start to the last exit, process start-up (Python, torch, the engine) included:
-  faces a second. ``startup_s``: the empty crawl's wall time, what every process pays first.
+  faces a second. ``startup_s``: the seconds the empty crawl reports (``crawl_folder``'s: opening
+  the index and loading the engine; the imports before it come on top), what every process pays
+  before its first photo.
 
 Each process uses torch's default threads (the machine's cores): on a machine with fewer cores
 than shards, the shards share them.
